@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite: installs what it needs, starts a one-node Slurm cluster for the slurm/
+# script tests (as root; elsewhere those tests are skipped and say so), runs every test on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+if [ "$(id -u)" = 0 ]; then
+  bash launch/slurm_local_cluster.sh
+fi
+exec python3 -m pytest tests -q -rs "$@"

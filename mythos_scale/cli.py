@@ -1,0 +1,36 @@
+"""The ``mythos`` command.  Each subcommand lives in its own module with ``main(argv) -> int``;
+modules are imported only when their subcommand runs, so ``mythos --help`` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("mythos_scale.plan", "parameters, FLOPs per token and KV-cache size of a config"),
+    "data": ("mythos_scale.data.cli", "train a tokenizer, prepare MDS shards, the embedded corpus"),
+    "train": ("mythos_scale.train.trainer", "pretrain with DeepSpeed (alone or under a launcher)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    rows = "\n".join(f"  {n:<{width}}  {h}" for n, (_, h) in SUBCOMMANDS.items())
+    return f"usage: mythos <command> [args]\n\ncommands:\n{rows}\n\n'mythos <command> --help' for details."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"mythos: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""One configuration schema for the whole system, validated when it is loaded.
+
+A config is a YAML file whose sections mirror the classes below (``model``, ``data``,
+``train``, ``parallel``, ``deepspeed``).  Command-line overrides are dotted assignments
+(``model.dim=768 train.max_steps=10``) whose values are parsed as YAML scalars.
+
+Every mistake is reported as :class:`ConfigError` naming the dotted key that is wrong:
+unknown keys, wrong types and impossible shapes (heads not dividing dim, top_k larger
+than the number of experts, an odd rope dimension, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the source."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class AttentionConfig(_Strict):
+    """MLA (DeepSeek-V2) or GQA.  For MLA, ``q_lora_rank = 0`` means no query compression."""
+
+    type: Literal["mla", "gqa"] = "mla"
+    q_lora_rank: int = Field(0, ge=0)
+    kv_lora_rank: int = Field(64, ge=1)
+    qk_nope_head_dim: int = Field(32, ge=1)
+    qk_rope_head_dim: int = Field(16, ge=2)
+    v_head_dim: int = Field(32, ge=1)
+    n_kv_heads: int = Field(1, ge=1)  # GQA only
+    rope_theta: float = Field(10000.0, gt=0)
+
+
+class MoEConfig(_Strict):
+    """DeepSeekMoE in the core: fine-grained routed experts + always-on shared experts."""
+
+    enabled: bool = True
+    n_routed_experts: int = Field(8, ge=1)
+    n_shared_experts: int = Field(1, ge=0)
+    top_k: int = Field(2, ge=1)
+    expert_hidden: int = Field(128, ge=1)
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    route_scale: float = Field(1.0, gt=0)
+    # Per-depth routing: a learned per-loop-iteration bias on the router logits.
+    depth_routing: bool = True
+    # DeepSeek-V3 auxiliary-loss-free balancing: bias_i -/+= gamma after each step.
+    balance_update_rate: float = Field(1e-3, ge=0)
+    # Optional sequence-level balance loss (0 disables it).
+    aux_loss_coef: float = Field(0.0, ge=0)
+
+
+class InjectionConfig(_Strict):
+    """Parcae LTI injection: h <- A_bar * h + B_bar e with A_bar = exp(dt * -exp(A_log))."""
+
+    a_log_init: float = 0.0
+    dt_init: float = Field(0.5, gt=0)
+    # Upper clamp of A_bar, strictly below 1 in bf16 as well as fp32 (bf16 spacing near 1
+    # is 2^-8, so anything <= 0.99 stays representable below 1.0).
+    a_bar_max: float = Field(0.99, gt=0, lt=1)
+    a_bar_min: float = Field(1e-4, gt=0, lt=1)
+
+
+class ACTConfig(_Strict):
+    """Adaptive Computation Time (Graves 2016) over loop iterations."""
+
+    enabled: bool = False
+    ponder_cost: float = Field(1e-3, ge=0)
+    threshold: float = Field(0.99, gt=0, le=1)
+    halt_bias_init: float = -2.0
+
+
+class ModelConfig(_Strict):
+    vocab_size: int = Field(4096, ge=2)
+    dim: int = Field(256, ge=1)
+    n_heads: int = Field(4, ge=1)
+    prelude_layers: int = Field(1, ge=0)
+    core_layers: int = Field(2, ge=1)
+    coda_layers: int = Field(1, ge=0)
+    max_loops: int = Field(8, ge=1)
+    max_seq_len: int = Field(256, ge=1)
+    dense_ffn_hidden: int = Field(512, ge=1)
+    lora_rank: int = Field(8, ge=0)
+    lora_targets: list[Literal["q", "kv", "o", "router"]] = ["q", "o"]
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-6, gt=0)
+    sandwich_norm: bool = False
+    loop_embedding: Literal["sinusoidal", "learned"] = "sinusoidal"
+    init_std: float = Field(0.02, gt=0)
+    activation_checkpointing: bool = True
+    # Which implementation of the fused ops to use (see mythos_scale.kernels).
+    kernels: Literal["auto", "fused", "reference"] = "auto"
+    attention: AttentionConfig = AttentionConfig()
+    moe: MoEConfig = MoEConfig()
+    injection: InjectionConfig = InjectionConfig()
+    act: ACTConfig = ACTConfig()
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "ModelConfig":
+        a, m = self.attention, self.moe
+        _require(a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim",
+                 f"must be even for rotary embeddings, got {a.qk_rope_head_dim}")
+        if a.type == "gqa":
+            _require(self.dim % self.n_heads == 0, "model.n_heads",
+                     f"n_heads ({self.n_heads}) must divide model.dim ({self.dim}) for GQA")
+            _require(self.n_heads % a.n_kv_heads == 0, "model.attention.n_kv_heads",
+                     f"n_kv_heads ({a.n_kv_heads}) must divide model.n_heads ({self.n_heads})")
+            _require((self.dim // self.n_heads) % 2 == 0, "model.dim",
+                     "dim / n_heads must be even for rotary embeddings")
+        _require(m.top_k <= m.n_routed_experts, "model.moe.top_k",
+                 f"top_k ({m.top_k}) must be <= model.moe.n_routed_experts ({m.n_routed_experts})")
+        if self.lora_rank > 0:
+            _require(self.lora_rank <= self.dim, "model.lora_rank",
+                     f"lora_rank ({self.lora_rank}) must be <= model.dim ({self.dim})")
+        return self
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSource(_Strict):
+    """One prepared dataset (a folder of MDS shards with a manifest) and its blend weight."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(_Strict):
+    # "embedded" = the default corpus (Python standard library sources), prepared on demand.
+    sources: list[DataSource] = [DataSource(path="embedded")]
+    val_path: str | None = None  # defaults to the val split of the first source
+    cache_dir: str = "~/.cache/mythos_scale"
+    seq_len: int = Field(256, ge=1)
+    shuffle_seed: int = 1234
+    num_workers: int = Field(0, ge=0)
+    # Before reading local shards, check them against their index: "size" (cheap) or "hash"
+    # (xxh64 of every shard; catches silent corruption).  Remote shards are hashed on download.
+    verify_shards: Literal["size", "hash"] = "hash"
+
+
+# --------------------------------------------------------------------------- train
+
+
+class LoopSchedule(_Strict):
+    """Per-step loop count T (identical on every rank) and the truncated-backprop depth k."""
+
+    sampler: Literal["fixed", "poisson", "poisson_lognormal"] = "fixed"
+    mean: int = Field(4, ge=1)
+    min: int = Field(1, ge=1)
+    max: int = Field(8, ge=1)
+    backprop_depth: int = Field(4, ge=1)  # k: gradients flow through the last k iterations
+    lognormal_sigma: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "LoopSchedule":
+        _require(self.min <= self.mean <= self.max, "train.loops.mean",
+                 f"need train.loops.min ({self.min}) <= mean ({self.mean}) <= max ({self.max})")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class TrainConfig(_Strict):
+    name: str = "mythos"
+    out_dir: str = "runs"
+    seed: int = 0
+    max_steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # WSD: final fraction spent decaying
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    z_loss_coef: float = Field(0.0, ge=0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    loops: LoopSchedule = LoopSchedule()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0 disables periodic validation
+    eval_batches: int = Field(4, ge=1)
+    max_nonfinite_steps: int = Field(5, ge=1)
+    # Stop (after saving) once this process has run this many steps; 0 = no limit.  For
+    # allocations shorter than the run: the next job resumes where this one stopped.
+    exit_after_steps: int = Field(0, ge=0)
+    # Peak FLOP/s of one device for MFU; 0 = a built-in table on GPU, a measured matmul on CPU.
+    peak_tflops: float = Field(0.0, ge=0)
+
+
+class ParallelConfig(_Strict):
+    tp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+
+
+class Config(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    # Extra DeepSpeed settings merged over the ones derived from `train` (expert use only).
+    deepspeed: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+                 f"seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        _require(self.train.loops.max <= self.model.max_loops, "train.loops.max",
+                 f"({self.train.loops.max}) exceeds model.max_loops ({self.model.max_loops})")
+        _require(self.train.global_batch_size % self.train.micro_batch_size == 0,
+                 "train.global_batch_size",
+                 f"({self.train.global_batch_size}) must be a multiple of "
+                 f"train.micro_batch_size ({self.train.micro_batch_size})")
+        if self.model.moe.enabled:
+            _require(self.model.moe.n_routed_experts % self.parallel.ep == 0, "parallel.ep",
+                     f"ep ({self.parallel.ep}) must divide model.moe.n_routed_experts "
+                     f"({self.model.moe.n_routed_experts})")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
+    return f"invalid config ({source}):\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``a.b.c=value`` assignments applied (values as YAML)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {text!r}: {exc}") from None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    return config_from_dict(raw, source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

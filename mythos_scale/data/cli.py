@@ -1,0 +1,91 @@
+"""``mythos data tokenizer | prepare | embedded``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mythos_scale.config import DataConfig, ModelConfig
+from mythos_scale.data.manifest import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mythos data",
+        description="train a tokenizer, prepare MDS shards, build the embedded corpus")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer offline")
+    tok.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns")
+    tok.add_argument("--vocab-size", type=int, required=True)
+    tok.add_argument("--out", required=True, help="tokenizer.json to write")
+    tok.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+
+    prep = sub.add_parser("prepare", help="tokenize and pack text into MDS shards")
+    prep.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns")
+    prep.add_argument("--tokenizer", required=True,
+                      help="a local tokenizer.json or a folder holding one (never downloaded)")
+    prep.add_argument("--seq-len", type=int, required=True)
+    prep.add_argument("--out", required=True, help="dataset folder, or an object-store URL")
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prep.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+    prep.add_argument("--eos-token", default=None, help="end-of-document token if not standard")
+    prep.add_argument("--shard-size", default="32mb", help="shard size limit, e.g. 32mb")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+
+    data, model = DataConfig(), ModelConfig()
+    emb = sub.add_parser("embedded", help="build (or find) the embedded stdlib corpus")
+    emb.add_argument("--out", default=data.cache_dir,
+                     help="cache folder, as data.cache_dir (default %(default)s)")
+    emb.add_argument("--seq-len", type=int, default=data.seq_len, help="as data.seq_len")
+    emb.add_argument("--vocab-size", type=int, default=model.vocab_size,
+                     help="as model.vocab_size")
+    emb.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "tokenizer":
+            from mythos_scale.data.documents import ReadStats, find_input_files, read_documents
+            from mythos_scale.data.tokenizer import load_tokenizer, train_bpe
+
+            stats = ReadStats()
+            files = find_input_files(args.input)
+            try:
+                path = train_bpe(read_documents(files, args.text_field, stats), args.vocab_size,
+                                 args.out)
+            except DataError as exc:
+                raise DataError(f"{exc}: {stats.files} file(s) read, {len(stats.skipped)} "
+                                f"skipped as binary or non-UTF-8") from None
+            print(f"{path}: vocab {load_tokenizer(path).vocab_size} from {stats.documents} "
+                  f"documents in {stats.files} files ({len(stats.skipped)} skipped)")
+        elif args.command == "prepare":
+            from mythos_scale.data.prepare import prepare_dataset
+
+            m = prepare_dataset(args.input, args.tokenizer, args.seq_len, args.out,
+                                val_fraction=args.val_fraction, workers=args.workers,
+                                text_field=args.text_field, eos_token=args.eos_token,
+                                shard_size=args.shard_size, overwrite=args.overwrite)
+            for split, s in m.splits.items():
+                print(f"{args.out}/{split}: {s.sequences} sequences of {m.seq_len}+1 tokens from "
+                      f"{s.documents} documents ({s.tokens} tokens)")
+        else:
+            from mythos_scale.data.embedded import ensure_embedded_dataset
+            from mythos_scale.data.manifest import read_manifest
+
+            path = ensure_embedded_dataset(args.out, args.seq_len, args.vocab_size,
+                                           workers=args.workers, progress=True)
+            m = read_manifest(path)
+            print(f"{path}: " + ", ".join(f"{k} {s.sequences} sequences ({s.tokens} tokens)"
+                                          for k, s in m.splits.items()))
+    except DataError as exc:
+        print(f"mythos data {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

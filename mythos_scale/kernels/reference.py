@@ -1,0 +1,66 @@
+"""Pure-PyTorch references of the fused ops: the definition each kernel must match.
+
+Shapes: ``...`` is any leading batch shape (usually ``(batch, seq)``), ``D`` the model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def inject_rmsnorm(h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor,
+                   loop_emb: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LTI injection then RMSNorm: ``rmsnorm(a_bar * h + e_inj + loop_emb) * weight``.
+
+    h, e_inj: (..., D); a_bar, loop_emb, weight: (D,).  ``e_inj = B_bar e`` is computed once
+    per forward and reused by every loop iteration.
+    """
+    z = a_bar * h + e_inj + loop_emb
+    return F.rms_norm(z, (z.shape[-1],), weight, eps)
+
+
+def act_step(p: torch.Tensor, cum: torch.Tensor, acc: torch.Tensor, h: torch.Tensor,
+             threshold: float, is_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ACT step.  Returns ``(w, new_cum, new_acc)``.
+
+    p: halting probability of this step (...,); cum: sum of earlier weights (...,), equal to
+    1 once a position has halted; acc: weighted state so far (..., D); h: this step's state.
+    A running position halts when ``cum + p >= threshold`` (or on the last step) and then
+    takes the remainder ``1 - cum`` as its weight, so the weights of a position sum to 1.
+    """
+    running = cum < 1.0
+    halts = (cum + p >= threshold) | is_last
+    w = torch.where(running, torch.where(halts, 1.0 - cum, p), torch.zeros_like(p))
+    return w, cum + w, acc + w.unsqueeze(-1) * h
+
+
+def moe_permute(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """Gather token rows into expert-sorted order: ``x[token_index]``.  x: (N, D)."""
+    return x.index_select(0, token_index)
+
+
+def moe_unpermute(y: torch.Tensor, token_index: torch.Tensor, gate: torch.Tensor,
+                  num_tokens: int) -> torch.Tensor:
+    """Scatter expert outputs back, weighted by their gates: ``out[token_index[i]] += gate[i] * y[i]``.
+
+    y: (M, D) expert-sorted outputs; token_index, gate: (M,).  Returns (num_tokens, D).
+    """
+    out = y.new_zeros(num_tokens, y.shape[-1])
+    return out.index_add(0, token_index, y * gate.unsqueeze(-1).to(y.dtype))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``."""
+    return F.silu(gate) * up
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half (NeoX) convention.
+
+    x: (B, S, H, R) with R even; cos, sin: (S, R/2).  Returns x rotated, same shape.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    c = cos[None, :, None, :].to(x.dtype)
+    s = sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)

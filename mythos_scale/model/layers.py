@@ -1,0 +1,88 @@
+"""Small building blocks: RMSNorm, a linear layer with depth-wise LoRA, the SwiGLU FFN, RoPE tables."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mythos_scale.kernels import ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class LoopLinear(nn.Module):
+    """A bias-free linear layer with optional depth-wise LoRA (Relaxed Recursive Transformers).
+
+    With ``n_loops > 0`` and ``rank > 0`` it holds one rank-r adapter per loop iteration:
+    ``W_t = W + B_t A_t``.  ``B_t`` starts at zero so training starts as pure weight tying.
+    ``loop`` beyond the last adapter uses the last one (clamped); ``loop=None`` (prelude,
+    coda) uses ``W`` alone.
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_loops: int = 0, rank: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.lora_a: nn.Parameter | None = None
+        self.lora_b: nn.Parameter | None = None
+        if n_loops > 0 and rank > 0:
+            self.lora_a = nn.Parameter(torch.empty(n_loops, rank, in_features))
+            self.lora_b = nn.Parameter(torch.zeros(n_loops, out_features, rank))
+
+    def forward(self, x: torch.Tensor, loop: int | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.lora_a is not None and loop is not None:
+            t = min(loop, self.lora_a.shape[0] - 1)
+            y = y + F.linear(F.linear(x, self.lora_a[t]), self.lora_b[t])
+        return y
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU feed-forward: ``w_down(silu(w_gate x) * w_up x)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.w_down.is_output_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(ops().swiglu(self.w_gate(x), self.w_up(x)))
+
+
+class RotaryTable(nn.Module):
+    """cos/sin tables for rotate-half RoPE, fp32, ``max_seq_len`` positions."""
+
+    def __init__(self, rope_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if end > self.cos.shape[0]:
+            raise ValueError(f"position {end - 1} is beyond model.max_seq_len ({self.cos.shape[0]})")
+        return self.cos[start:end], self.sin[start:end]
+
+
+def sinusoidal(position: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The transformer sinusoidal encoding of one integer position, shape (dim,), fp32."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=device) / half)
+    angle = position * freq
+    out = torch.cat((angle.sin(), angle.cos()))
+    return F.pad(out, (0, dim - 2 * half))

@@ -1,0 +1,116 @@
+"""The parallel layout: one object that says which rank does what.
+
+world = DP x TP; expert parallelism is carved out of DP.  This release runs data parallelism
+(ZeRO) only; ``tp`` and ``ep`` are validated against the world and refused above 1 with a
+clear message until their parallelize steps land.
+
+Launch environments understood: the DeepSpeed launcher and torchrun (RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT), Slurm's srun (SLURM_PROCID / SLURM_NTASKS /
+SLURM_LOCALID, MASTER_ADDR and MASTER_PORT exported by the batch script), and a bare
+``python`` / ``mythos train`` process, which becomes a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The launch environment is inconsistent; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    ep: int
+    device: torch.device
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        # Ranks of one tensor-parallel group are consecutive and share a data-parallel rank.
+        return self.rank // self.tp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_env_from_launcher() -> None:
+    """Normalise the launch environment to RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*."""
+    if os.environ.get("RANK") is None and os.environ.get("SLURM_PROCID") is not None:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if os.environ.get("RANK") is None:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(tp: int = 1, ep: int = 1) -> ParallelLayout:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and return the layout."""
+    _fill_env_from_launcher()
+    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if world is None or world < 1:
+        raise LaunchError("WORLD_SIZE is missing or < 1 while RANK is set")
+    if rank is None or not 0 <= rank < world:
+        raise LaunchError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    local = 0 if local is None else local
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise LaunchError(f"{name} is not set; multi-process launches need it "
+                              f"(the Slurm scripts export it from the first node)")
+    if world % tp != 0:
+        raise LaunchError(f"parallel.tp={tp} does not divide the world size {world}")
+    if (world // tp) % ep != 0:
+        raise LaunchError(f"parallel.ep={ep} does not divide the data-parallel size {world // tp}")
+    if tp > 1 or ep > 1:
+        raise LaunchError(f"parallel.tp={tp} / parallel.ep={ep}: tensor and expert parallelism "
+                          "are not available in this release; use tp=1 ep=1")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # Ranks on one machine share its cores: oversubscribed threads make every rank slower.
+        local_world = _env_int("LOCAL_WORLD_SIZE") or world
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    layout = ParallelLayout(rank=rank, world_size=world, local_rank=local, tp=tp, ep=ep, device=device)
+    if not dist.is_initialized():
+        import deepspeed  # deferred: importing DeepSpeed costs seconds
+
+        deepspeed.init_distributed(dist_backend=layout.backend, auto_mpi_discovery=False,
+                                   verbose=False, rank=rank, world_size=world)
+    return layout

@@ -1,0 +1,7 @@
+"""``python -m mythos_scale.train`` (what launchers run): the same as ``mythos train``."""
+
+import sys
+
+from mythos_scale.train.trainer import main
+
+sys.exit(main())

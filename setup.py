@@ -1,0 +1,128 @@
+"""mythos_scale: distributed pretraining of Recurrent-Depth Transformers.
+
+``pip install -e ".[dev]"`` installs the package, the ``mythos`` command and the test tools.
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "deepspeed>=0.16",
+    "megatron-core>=0.12",
+    "mosaicml-streaming>=0.11",
+    "tensorboard>=2.15",
+    "tokenizers>=0.19",
+    "safetensors>=0.4",
+    "pyyaml>=6",
+    "pydantic>=2.5",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "pyarrow>=14",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+    "gpu": ["flash-attn>=2.5"],
+}
+
+# ---------------------------------------------------------------- the kernel extension (mythos_scale._C)
+# MYTHOS_BUILD_EXT: unset/0 = no extension (the PyTorch reference ops are used); cpu (or 1) = the C++
+# CPU kernels; cuda = CPU + CUDA kernels (nvcc must match torch's CUDA version, else CPU only);
+# auto = cuda when a GPU and a matching nvcc are present, else cpu.  torch must be importable while
+# building: `MYTHOS_BUILD_EXT=cpu pip install --no-build-isolation -e .`.  A failed build warns and
+# installs the package without the extension.
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING (mythos_scale._C): {message}", flush=True)
+
+
+def _kernel_build_module():
+    """mythos_scale/kernels/build.py (sources and flags), loaded without importing the package."""
+    spec = importlib.util.spec_from_file_location(
+        "mythos_kernel_build", Path(__file__).parent / "mythos_scale" / "kernels" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nvcc_matches_torch(cpp_extension, torch_cuda: str | None) -> bool:
+    if torch_cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    try:
+        out = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    release = re.search(r"release (\d+\.\d+)", out)
+    return release is not None and release.group(1) == ".".join(torch_cuda.split(".")[:2])
+
+
+def _kernel_extension() -> tuple[list, dict]:
+    """(ext_modules, cmdclass) for setup(); empty when not asked for or torch is unavailable."""
+    mode = os.environ.get("MYTHOS_BUILD_EXT", "0").strip().lower()
+    if mode in ("", "0", "no", "off"):
+        print("mythos_scale._C: not built (set MYTHOS_BUILD_EXT=cpu|cuda|auto to build the fused kernels)")
+        return [], {}
+    if mode not in ("1", "cpu", "cuda", "auto"):
+        _warn(f"MYTHOS_BUILD_EXT={mode!r} is not one of 0, cpu, cuda, auto; not building the extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _warn("torch is not importable in the build environment (pip build isolation?); not building. "
+              "Use `pip install --no-build-isolation -e .`")
+        return [], {}
+    cuda_ok = _nvcc_matches_torch(cpp_extension, torch.version.cuda)
+    cuda = mode == "cuda" and cuda_ok or mode == "auto" and cuda_ok and torch.cuda.is_available()
+    if mode == "cuda" and not cuda_ok:
+        _warn(f"MYTHOS_BUILD_EXT=cuda but no nvcc matching torch's CUDA {torch.version.cuda} "
+              f"(CUDA_HOME={cpp_extension.CUDA_HOME}); building the CPU kernels only")
+    kernel_build = _kernel_build_module()
+    if cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", kernel_build.CUDA_ARCHS)
+    extension_class = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    extension = extension_class(
+        name="mythos_scale._C",
+        sources=kernel_build.sources(cuda),
+        include_dirs=kernel_build.include_dirs(),
+        extra_compile_args={"cxx": kernel_build.CPU_FLAGS, "nvcc": kernel_build.NVCC_FLAGS},
+    )
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """Builds the kernels, but a failure only warns: the package works with the reference ops."""
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as err:  # noqa: BLE001  (any compiler or toolchain failure)
+                _warn(f"building the kernel extension failed ({err}); installing without it")
+
+    print(f"mythos_scale._C: building the {'CPU + CUDA' if cuda else 'CPU'} kernels")
+    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = _kernel_extension()
+
+setup(
+    name="mythos_scale",
+    version="0.1.0",
+    description="Distributed pretraining of Recurrent-Depth Transformers (prelude / looped core / coda)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mythos_scale", "mythos_scale.*"]),
+    package_data={"mythos_scale": ["configs/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mythos=mythos_scale.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
+)

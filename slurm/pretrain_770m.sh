@@ -1,0 +1,49 @@
+#!/bin/bash
+# Pretrain the 770M RDT on a Slurm cluster: one task per GPU, NCCL, DeepSpeed ZeRO.
+#
+#   sbatch slurm/pretrain_770m.sh                                 # defaults below
+#   sbatch --nodes=8 slurm/pretrain_770m.sh data.sources='[{path: /data/mine}]'
+#   CONFIG=configs/tiny_cpu.yaml sbatch --gpus-per-node=0 slurm/pretrain_770m.sh
+#
+# Preemption and time limits: Slurm signals USR1 five minutes before the end (and TERM on
+# preemption); every rank finishes its step, saves a checkpoint and exits with status 75,
+# on which this script requeues the job; the requeued job resumes from that checkpoint.
+#SBATCH --job-name=mythos-770m
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+
+CONFIG=${CONFIG:-configs/mythos_770m.yaml}
+EXIT_PREEMPTED=75
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
+
+# The batch shell gets the pre-timeout signal; hand it to every training task.
+forward_signal() { echo "got $1: asking every rank to save and stop"; kill -s "$1" "$SRUN_PID" 2>/dev/null; }
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+
+srun --kill-on-bad-exit=1 python -m mythos_scale.train --config "$CONFIG" "$@" &
+SRUN_PID=$!
+# `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
+while true; do
+  wait "$SRUN_PID"
+  status=$?
+  kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+
+if [ "$status" -eq "$EXIT_PREEMPTED" ]; then
+  echo "training saved and stopped (status $status): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
