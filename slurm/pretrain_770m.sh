@@ -28,7 +28,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
 
 # The batch shell gets the pre-timeout signal; hand it to every training task.
-forward_signal() { echo "got $1: asking every rank to save and stop"; kill -s "$1" "$SRUN_PID" 2>/dev/null; }
+preempted=0
+forward_signal() {
+  preempted=1
+  echo "got $1: asking every rank to save and stop"
+  kill -s "$1" "$SRUN_PID" 2>/dev/null
+}
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
 
@@ -41,7 +46,9 @@ while true; do
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
 
-if [ "$status" -eq "$EXIT_PREEMPTED" ]; then
+# Ranks leave one by one after the collective save, and srun (--kill-on-bad-exit) may end
+# the last ones with a signal: after a forwarded stop, any non-zero status means "saved, stopped".
+if [ "$status" -eq "$EXIT_PREEMPTED" ] || { [ "$preempted" -eq 1 ] && [ "$status" -ne 0 ]; }; then
   echo "training saved and stopped (status $status): requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

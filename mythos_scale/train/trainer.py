@@ -44,6 +44,15 @@ log = logging.getLogger("mythos_scale.train")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
 
 
+# Set by SIGTERM / SIGUSR1 (preemption, the Slurm pre-timeout signal); read once per step.
+_stop_signal: str | None = None
+
+
+def _request_stop(signum, _frame) -> None:
+    global _stop_signal
+    _stop_signal = signal.Signals(signum).name
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (the message says why); exit status 1."""
 
@@ -113,7 +122,6 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
-        self.stop_signal: str | None = None
 
     # ------------------------------------------------------------------ run folder
 
@@ -140,15 +148,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self.stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
-
     def _any_rank_wants_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0])
+        flag = torch.tensor([1.0 if _stop_signal else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -313,7 +314,6 @@ class Trainer:
     def fit(self) -> int:
         t = self.cfg.train
         self._resume()
-        self._install_signal_handlers()
         if self.layout.is_main:
             log.info("run folder %s | %d ranks (dp %d) | global batch %d x %d tokens | grad accum %d | "
                      "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp,
@@ -343,7 +343,7 @@ class Trainer:
                 if stop:
                     if self.layout.is_main:
                         log.warning("stop requested (%s): saved step %d; exiting with status %d so the "
-                                    "job can be requeued", self.stop_signal or "signal on another rank",
+                                    "job can be requeued", _stop_signal or "signal on another rank",
                                     self.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
         finally:
@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     args = parser.parse_args(argv)
     _setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
+    # From the start: a signal during start-up must not kill the process, only stop it at step 1.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _request_stop)
     try:
         cfg = load_config(args.config, args.overrides)
         layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep)
