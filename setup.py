@@ -119,7 +119,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mythos_scale", "mythos_scale.*"]),
-    package_data={"mythos_scale": ["configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mythos=mythos_scale.cli:main"]},

@@ -71,7 +71,8 @@ class MetricsLogger:
         log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | T %d | %.0f tok/s | MFU %.1f%% | %.2fs/step%s",
                  step, max_steps, m["train/loss"], m["train/lr"], m["train/grad_norm"], m["loops/T"],
                  m["perf/tokens_per_s"], 100 * m["perf/mfu"], m["time/step_s"],
-                 f" | skipped {int(m['train/skipped_steps'])}" if m["train/skipped_steps"] else "")
+                 (f" | val {m['val/loss']:.4f}" if "val/loss" in m else "")
+                 + (f" | skipped {int(m['train/skipped_steps'])}" if m["train/skipped_steps"] else ""))
 
     def close(self) -> None:
         if self.writer is not None:

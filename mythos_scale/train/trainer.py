@@ -198,6 +198,7 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         from mythos_scale.model import update_balance_bias
 
+        step_start = time.perf_counter()
         t = self.cfg.train
         n_loops = sample_loops(t.loops, t.seed, self.step)
         k = backprop_depth(t.loops, n_loops)
@@ -256,7 +257,7 @@ class Trainer:
         for phase, seconds in times.items():
             metrics[f"time/{phase}_s"] = seconds
         metrics.update(self._model_stats(stats, load))
-        self._throughput(metrics, n_loops, k, sum(times.values()))
+        self._throughput(metrics, n_loops, k, time.perf_counter() - step_start)
         return metrics
 
     def _model_stats(self, stats: dict[str, torch.Tensor], load: dict[str, Any]) -> dict[str, float]:
@@ -363,7 +364,7 @@ class Trainer:
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "streaming"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
