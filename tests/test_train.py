@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO, run_train, subprocess_env, train_command
 
-STEPS = 6
+STEPS = 16
 
 
 def _losses(run: Path) -> list[float]:
@@ -42,10 +42,10 @@ def _data(tiny_dataset: Path) -> str:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, tiny_dataset) -> Path:
-    """One uninterrupted single-process run of STEPS steps, checkpointing every 2."""
+    """One uninterrupted single-process run of STEPS steps, checkpointing every 4."""
     root = tmp_path_factory.mktemp("straight")
     run_train(root, [_data(tiny_dataset), "train.name=r", f"train.max_steps={STEPS}",
-                     "train.checkpoint.every=2", "train.checkpoint.keep_last=10"])
+                     "train.checkpoint.every=4"])
     return root / "r"
 
 
@@ -73,7 +73,7 @@ def _assert_same_as_straight(run: Path, straight: Path) -> None:
 
 
 def test_resume_is_bitwise_exact(tmp_path, tiny_dataset, straight_run):
-    args = [_data(tiny_dataset), "train.name=r", f"train.max_steps={STEPS}", "train.checkpoint.every=2"]
+    args = [_data(tiny_dataset), "train.name=r", f"train.max_steps={STEPS}", "train.checkpoint.every=4"]
     first = run_train(tmp_path, [*args, "train.exit_after_steps=3"])
     assert "run again to continue" in first.stderr + first.stdout
     assert (tmp_path / "r" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
@@ -103,13 +103,15 @@ def _steps_logged(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_kill_9_mid_run_then_resume(tmp_path, tiny_dataset, straight_run):
-    args = [_data(tiny_dataset), "train.name=r", f"train.max_steps={STEPS}", "train.checkpoint.every=2"]
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_mid_run_then_resumed(tmp_path, tiny_dataset, straight_run, sig):
+    args = [_data(tiny_dataset), "train.name=r", f"train.max_steps={STEPS}", "train.checkpoint.every=4"]
     proc = _start(tmp_path, args)
-    latest = tmp_path / "r" / "checkpoints" / "latest"
-    _wait_for(lambda: latest.exists() and _steps_logged(tmp_path / "r") >= 3, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _wait_for(lambda: _steps_logged(tmp_path / "r") >= 5, proc)  # past the first checkpoint
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=120)
+    assert _steps_logged(tmp_path / "r") < STEPS, "the run ended before the signal: not a mid-run stop"
+    assert proc.returncode == (75 if sig == signal.SIGTERM else -signal.SIGKILL)
     resumed = run_train(tmp_path, args)
     assert "resumed from step_0000000" in resumed.stderr + resumed.stdout
     _assert_same_as_straight(tmp_path / "r", straight_run)

@@ -30,10 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from mythos_scale.config import Config, ConfigError, dump_config, load_config
 from mythos_scale.data.manifest import DataError
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
+from mythos_scale.plan import plan_model
 from mythos_scale.train.checkpoint import CheckpointError, Checkpointer
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import MetricsLogger, memory_gib, peak_tflops
@@ -92,7 +94,6 @@ class Trainer:
 
         from mythos_scale.data.loader import build_train_loader, build_val_loader
         from mythos_scale.model import build_model
-        from mythos_scale.plan import plan_model
 
         self.cfg, self.layout = cfg, layout
         t = cfg.train
@@ -104,16 +105,13 @@ class Trainer:
         self.train_loader = build_train_loader(cfg.data, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
 
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, t), config=deepspeed_config(cfg, layout))
         self.model = self.engine.module
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = {}  # by (T, k), from the planner
-        self._plan = lambda loops, k: plan_model(cfg.model, loops=loops, backprop_depth=k,
-                                                 seq_len=cfg.data.seq_len)["flops_per_token"]
+        self._flops_per_token: dict[tuple[int, int], float] = {}  # by (T, k), from the planner
         self.peak_tflops = peak_tflops(t.peak_tflops, layout.device)
 
         self.checkpointer = Checkpointer(self.run_dir, t.checkpoint.keep_last, layout.rank, layout.world_size)
@@ -128,10 +126,8 @@ class Trainer:
     def _check_run_dir(self) -> None:
         """A run folder belongs to one model: refuse to resume it with another."""
         saved = self.run_dir / "config.yaml"
-        current = json.loads(json.dumps(self.cfg.model_dump(mode="json")))
+        current = self.cfg.model_dump(mode="json")
         if saved.is_file():
-            import yaml
-
             old = yaml.safe_load(saved.read_text())
             diffs = [f"model.{k}: {old['model'].get(k)!r} -> {v!r}"
                      for k, v in current["model"].items() if old["model"].get(k) != v]
@@ -279,11 +275,12 @@ class Trainer:
         return out
 
     def _throughput(self, metrics: dict[str, float], n_loops: int, k: int, seconds: float) -> None:
-        if (n_loops, k) not in self.flops_per_token:
-            self.flops_per_token[(n_loops, k)] = self._plan(n_loops, k)
+        if (n_loops, k) not in self._flops_per_token:
+            self._flops_per_token[n_loops, k] = plan_model(
+                self.cfg.model, loops=n_loops, backprop_depth=k, seq_len=self.cfg.data.seq_len)["flops_per_token"]
         tokens_per_s = self.tokens_per_step / seconds
         per_device = tokens_per_s / self.layout.world_size
-        tflops = per_device * self.flops_per_token[(n_loops, k)] / 1e12
+        tflops = per_device * self._flops_per_token[n_loops, k] / 1e12
         metrics.update({
             "time/step_s": seconds, "perf/tokens_per_s": tokens_per_s,
             "perf/tokens_per_s_per_device": per_device, "perf/tflops_per_device": tflops,
