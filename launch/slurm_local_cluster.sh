@@ -29,6 +29,8 @@ ClusterName=mythos-local
 SlurmctldHost=$node
 SlurmUser=slurm
 AuthType=auth/munge
+# Credential lifetime; also how long a requeued job waits before it may start again (default 120 s).
+AuthInfo=cred_expire=15
 StateSaveLocation=$state/ctld
 SlurmdSpoolDir=$state/d
 SlurmctldPidFile=/run/slurmctld.pid

@@ -195,7 +195,9 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
     z_loss_coef: float = Field(0.0, ge=0)
-    zero_stage: int = Field(1, ge=0, le=3)
+    # ZeRO-3 is refused: the looped core reads shared weights outside module hooks (tied head,
+    # stacked experts, injection), which stage 3's parameter gathering does not see.
+    zero_stage: int = Field(1, ge=1, le=2)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     loops: LoopSchedule = LoopSchedule()
     checkpoint: CheckpointConfig = CheckpointConfig()

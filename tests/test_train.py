@@ -160,6 +160,14 @@ def test_tensorboard_events_hold_the_tags(straight_run):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
+def test_plots_are_written(straight_run):
+    from PIL import Image
+
+    for name in ("loss", "loss_vs_loops", "expert_load", "state_norms"):
+        with Image.open(straight_run / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] > 300
+
+
 def test_loss_goes_down(straight_run):
     losses = _losses(straight_run)
     assert losses[-1] < losses[0]

@@ -40,6 +40,7 @@ from mythos_scale.train.checkpoint import CheckpointError, Checkpointer
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import MetricsLogger, memory_gib, peak_tflops
 from mythos_scale.train.optim import build_optimizer, lr_at
+from mythos_scale.train.plots import write_plots
 
 log = logging.getLogger("mythos_scale.train")
 
@@ -256,22 +257,18 @@ class Trainer:
         self._throughput(metrics, n_loops, k, time.perf_counter() - step_start)
         return metrics
 
-    def _model_stats(self, stats: dict[str, torch.Tensor], load: dict[str, Any]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, value in (stats or {}).items():
-            value = value.detach().float().reshape(-1)
-            if value.numel() == 1:
+    @staticmethod
+    def _model_stats(stats: dict[str, torch.Tensor], load: dict[str, float]) -> dict[str, float]:
+        """TensorBoard tags for the model's own signals: one per loop iteration for per-iteration
+        ones (``model/h_norm/iter_03``); the expert-load dict already holds its tags."""
+        out = dict(load)
+        for name, value in stats.items():
+            value = value.detach().float()
+            if value.ndim == 0:
                 out[f"model/{name}"] = value.item()
             else:
                 for i, v in enumerate(value.tolist()):
                     out[f"model/{name}/iter_{i:02d}"] = v
-        for name, value in (load or {}).items():
-            value = torch.as_tensor(value).float().reshape(-1)
-            if value.numel() == 1:
-                out[f"moe/{name}"] = value.item()
-            else:
-                for depth, v in enumerate(value.tolist()):
-                    out[f"moe/{name}/depth_{depth:02d}"] = v
         return out
 
     def _throughput(self, metrics: dict[str, float], n_loops: int, k: int, seconds: float) -> None:
@@ -348,6 +345,9 @@ class Trainer:
             if history is not None:
                 history.close()
             self.metrics.close()
+        if self.layout.is_main:
+            plots = write_plots(self.run_dir)
+            log.info("plots: %s", ", ".join(str(p) for p in plots))
         if self.layout.is_main and self.step < t.max_steps:
             log.info("stopped after train.exit_after_steps=%d at step %d; run again to continue",
                      t.exit_after_steps, self.step)
