@@ -183,3 +183,15 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(tmp_path, tiny_dataset, strai
     proc = run_train(straight_run.parent, [_data(tiny_dataset), "train.name=r", "model.dim=96"], check=False)
     assert proc.returncode == 2 and "different config" in proc.stderr and "model.dim" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in straight_run.rglob("*")} == before
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_dataset):
+    # An absurd learning rate: the first update blows the weights up, every later loss is inf/NaN.
+    proc = run_train(tmp_path, [_data(tiny_dataset), "train.name=r", "train.max_steps=20", "train.lr=1e30",
+                                "train.min_lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
+                                "train.max_nonfinite_steps=3"], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss or gradient" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in rows][-3:] == [1, 2, 3]
+    assert len(rows) < 20

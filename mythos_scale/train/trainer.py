@@ -27,13 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
 from mythos_scale.config import Config, ConfigError, dump_config, load_config
+from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError
+from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
 from mythos_scale.plan import plan_model
 from mythos_scale.train.checkpoint import CheckpointError, Checkpointer
@@ -91,11 +94,6 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout):
-        import deepspeed
-
-        from mythos_scale.data.loader import build_train_loader, build_val_loader
-        from mythos_scale.model import build_model
-
         self.cfg, self.layout = cfg, layout
         t = cfg.train
         self.run_dir = Path(t.out_dir).expanduser() / t.name
@@ -177,8 +175,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _sync(self) -> None:
-        if self.layout.device.type == "cuda":
+    def _sync(self, timed: bool) -> None:
+        """Wait for the GPU, only on steps whose phases are timed: a sync stalls the launch queue."""
+        if timed and self.layout.device.type == "cuda":
             torch.cuda.synchronize(self.layout.device)
 
     def _loss(self, out, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -193,8 +192,6 @@ class Trainer:
         return loss, parts
 
     def train_step(self, batches) -> dict[str, float]:
-        from mythos_scale.model import update_balance_bias
-
         step_start = time.perf_counter()
         t = self.cfg.train
         n_loops = sample_loops(t.loops, t.seed, self.step)
@@ -203,6 +200,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
+        timed = (self.step + 1) % t.log_every == 0
         times = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
         sums: dict[str, torch.Tensor] = {}
         stats = None
@@ -213,13 +211,13 @@ class Trainer:
             t1 = time.perf_counter()
             out = self.engine(inputs, n_loops=n_loops, backprop_depth=k)
             loss, parts = self._loss(out, labels)
-            self._sync()
+            self._sync(timed)
             t2 = time.perf_counter()
             self.engine.backward(loss)
-            self._sync()
+            self._sync(timed)
             t3 = time.perf_counter()
             self.engine.step()  # DeepSpeed reduces and steps only at the accumulation boundary
-            self._sync()
+            self._sync(timed)
             t4 = time.perf_counter()
             times["data"] += t1 - t0
             times["forward"] += t2 - t1
@@ -251,8 +249,8 @@ class Trainer:
             "train/skipped_steps": self.skipped_steps, "train/tokens_seen": self.tokens_seen,
             "loops/T": n_loops, "loops/backprop_depth": k,
         })
-        for phase, seconds in times.items():
-            metrics[f"time/{phase}_s"] = seconds
+        if timed or self.layout.device.type != "cuda":
+            metrics.update({f"time/{phase}_s": seconds for phase, seconds in times.items()})
         metrics.update(self._model_stats(stats, load))
         self._throughput(metrics, n_loops, k, time.perf_counter() - step_start)
         return metrics
@@ -319,11 +317,6 @@ class Trainer:
         try:
             while self.step < last_step:
                 metrics = self.train_step(batches)
-                if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                        f"(limit train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping without "
-                        f"saving. The last good checkpoint is in {self.checkpointer.dir}")
                 if self.val_loader is not None and self.step % t.eval_every == 0:
                     metrics["val/loss"] = self.evaluate()
                 if self.layout.is_main:
@@ -332,6 +325,11 @@ class Trainer:
                     history.flush()
                     if self.step % t.log_every == 0 or self.step == t.max_steps:
                         self.metrics.console(self.step, t.max_steps, metrics)
+                if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(limit train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping without "
+                        f"saving. The last good checkpoint is in {self.checkpointer.dir}")
                 stop = self._any_rank_wants_stop()
                 if stop or self.step % t.checkpoint.every == 0 or self.step == last_step:
                     self._save()
