@@ -29,11 +29,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kernels", choices=["auto", "fused", "reference"], default="auto",
+                        help="model.kernels: the fused extension or the PyTorch reference ops")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config).model
+    if args.kernels == "fused":  # build (once, cached) and load the CPU extension if not installed
+        from mythos_scale.kernels.build import load_extension
+
+        load_extension()
+    cfg = load_config(args.config, [f"model.kernels={args.kernels}"]).model
     seq = args.seq_len or cfg.max_seq_len
     depth = args.backprop_depth if args.backprop_depth is not None else args.loops
     model = build_model(cfg, seed=0).train()
