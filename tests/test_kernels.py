@@ -8,7 +8,6 @@ sm_90 (nothing runs them without a GPU); the GPU parity tests run only where a G
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
