@@ -53,8 +53,7 @@ def memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Writes scalars to TensorBoard (main rank only) and prints the console line."""
 
-    def __init__(self, tb_dir: Path | None, log_every: int):
-        self.log_every = log_every
+    def __init__(self, tb_dir: Path | None):
         self.writer = None
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter

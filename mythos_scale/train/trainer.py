@@ -114,7 +114,7 @@ class Trainer:
         self.peak_tflops = peak_tflops(t.peak_tflops, layout.device)
 
         self.checkpointer = Checkpointer(self.run_dir, t.checkpoint.keep_last, layout.rank, layout.world_size)
-        self.metrics = MetricsLogger(self.run_dir / "tb" if layout.is_main else None, t.log_every)
+        self.metrics = MetricsLogger(self.run_dir / "tb" if layout.is_main else None)
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -150,15 +150,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _save(self) -> float:
-        client = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
-                  "model_config": self.cfg.model.model_dump(mode="json")}
+    def _save(self) -> None:
+        client = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps}
         seconds = self.checkpointer.save(self.engine, self.step, client,
                                          {"data": self.train_loader.state_dict()})
         if self.layout.is_main:
             log.info("saved checkpoint step %d to %s in %.2fs", self.step, self.checkpointer.dir, seconds)
         self.metrics.scalars(self.step, {"ckpt/save_s": seconds})
-        return seconds
 
     def _resume(self) -> None:
         start = time.perf_counter()
@@ -180,9 +178,13 @@ class Trainer:
         if timed and self.layout.device.type == "cuda":
             torch.cuda.synchronize(self.layout.device)
 
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+
     def _loss(self, out, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = out.logits.float()
-        lm = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+        lm = self._lm_loss(logits, labels)
         parts = {"lm_loss": lm, "moe_aux_loss": out.moe_aux_loss, "ponder_cost": out.ponder_cost}
         loss = lm + out.moe_aux_loss + out.ponder_cost
         if self.cfg.train.z_loss_coef:
@@ -293,9 +295,7 @@ class Trainer:
             if i >= self.cfg.train.eval_batches:
                 break
             out = self.engine(inputs.to(self.layout.device), n_loops=n_loops)
-            logits = out.logits.float()
-            total += F.cross_entropy(logits.view(-1, logits.shape[-1]),
-                                     labels.to(self.layout.device).reshape(-1)).cpu()
+            total += self._lm_loss(out.logits.float(), labels.to(self.layout.device)).cpu()
             count += 1
         self.engine.train()
         packed = torch.stack([total, torch.tensor(float(count))])
