@@ -199,6 +199,48 @@ def test_existing_output_needs_overwrite(corpus, tmp_path):
     assert read_manifest(out).splits["val"].sequences == m.splits["val"].sequences > 0
 
 
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("user_folder", r"replaces only a dataset prepared by this tool.*notes\.txt is not part"),
+    ("dataset_plus_user_file", r"replaces only a dataset prepared by this tool.*mine\.txt is not"),
+    ("input_itself", r"is or contains the input"),
+    ("parent_of_input", r"is or contains the input"),
+    ("inside_input", r"is inside .*which holds inputs"),
+    ("file_input_next_to_out", r"is inside .*which holds inputs"),
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_that_is_not_our_dataset_is_never_replaced(corpus, tmp_path, case, message,
+                                                          overwrite):
+    """--overwrite replaces only a dataset this tool wrote; inputs are never an output."""
+    src = tmp_path / "corpus"
+    _write_corpus(src, _documents(30, seed=3))
+    inputs, out = [str(src)], tmp_path / "out"
+    if case == "user_folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("my own notes")
+    elif case == "dataset_plus_user_file":
+        prepare_dataset(inputs, corpus["tokenizer"], SEQ_LEN, out, val_fraction=0, progress=False)
+        (out / "train" / "mine.txt").write_text("do not delete")
+    elif case == "input_itself":
+        out = src
+    elif case == "parent_of_input":
+        out = tmp_path
+    elif case == "inside_input":
+        out = src / "shards"
+    elif case == "file_input_next_to_out":
+        inputs, out = [str(src / "a00.txt")], src / "shards"
+    before = _snapshot(tmp_path)
+    if not overwrite and case.startswith(("user_folder", "dataset")):
+        message = r"already exists and is not empty; pass --overwrite"
+    with pytest.raises(DataError, match=message):
+        prepare_dataset(inputs, corpus["tokenizer"], SEQ_LEN, out, val_fraction=0,
+                        overwrite=overwrite, progress=False)
+    assert _snapshot(tmp_path) == before  # nothing deleted, nothing added
+
+
 def test_cli(corpus, tmp_path, capsys):
     tok = tmp_path / "tok.json"
     assert data_main(["tokenizer", "--input", str(corpus["root"] / "corpus"), "--vocab-size",
@@ -208,8 +250,14 @@ def test_cli(corpus, tmp_path, capsys):
                       "--val-fraction", "0.1", "--workers", "2"]) == 0
     assert read_manifest(tmp_path / "ds").seq_len == 8
     assert data_main(["prepare", "--input", str(tmp_path / "void"), "--tokenizer", str(tok),
-                      "--seq-len", "8", "--out", str(tmp_path / "x")]) == 1
+                      "--seq-len", "8", "--out", str(tmp_path / "x")]) == 2
     assert "mythos data prepare: error: input not found" in capsys.readouterr().err
+    # bad input exits 2 like every other command, and --overwrite never deletes the input
+    corpus_dir = str(corpus["root"] / "corpus")
+    assert data_main(["prepare", "--input", corpus_dir, "--tokenizer", str(tok), "--seq-len", "8",
+                      "--out", corpus_dir, "--overwrite"]) == 2
+    assert "is or contains the input" in capsys.readouterr().err
+    assert len(find_input_files([corpus_dir])) == 12
 
 
 # --------------------------------------------------------------------------- dataset checks

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                           for k, s in m.splits.items()))
     except DataError as exc:
         print(f"mythos data {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
