@@ -204,7 +204,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("user_folder", r"replaces only a dataset prepared by this tool.*notes\.txt is not part"),
+    ("user_folder", r"replaces only a dataset prepared by this tool.*it has no manifest\.json"),
     ("dataset_plus_user_file", r"replaces only a dataset prepared by this tool.*mine\.txt is not"),
     ("input_itself", r"is or contains the input"),
     ("parent_of_input", r"is or contains the input"),
