@@ -210,6 +210,10 @@ class TrainConfig(_Strict):
     exit_after_steps: int = Field(0, ge=0)
     # Peak FLOP/s of one device for MFU; 0 = a built-in table on GPU, a measured matmul on CPU.
     peak_tflops: float = Field(0.0, ge=0)
+    # When the run folder has checkpoints but none is usable (all damaged), start again from
+    # step 0 instead of refusing; what the folder held is moved to previous/<time>/.  Has no
+    # effect while a usable checkpoint exists (a requeued job keeping this set loses nothing).
+    restart: bool = False
 
 
 class ParallelConfig(_Strict):

@@ -111,6 +111,15 @@ def init_distributed(tp: int = 1, ep: int = 1) -> ParallelLayout:
     if not dist.is_initialized():
         import deepspeed  # deferred: importing DeepSpeed costs seconds
 
-        deepspeed.init_distributed(dist_backend=layout.backend, auto_mpi_discovery=False,
-                                   verbose=False, rank=rank, world_size=world)
+        try:
+            deepspeed.init_distributed(dist_backend=layout.backend, auto_mpi_discovery=False,
+                                       verbose=False, rank=rank, world_size=world)
+        except dist.DistNetworkError as exc:
+            if "EADDRINUSE" not in str(exc):
+                raise
+            port = os.environ["MASTER_PORT"]
+            raise LaunchError(
+                f"MASTER_PORT={port} on {os.environ['MASTER_ADDR']} is already in use (another run "
+                f"or program holds it): choose a free port, e.g. MASTER_PORT={int(port) + 1}, or "
+                f"--master_port with the deepspeed launcher") from None
     return layout
