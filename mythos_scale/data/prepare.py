@@ -182,7 +182,7 @@ def prepare_dataset(inputs: list[str], tokenizer: str | Path, seq_len: int, out:
             uploader.upload_file(MANIFEST_NAME)  # last: its presence marks the dataset complete
             shutil.rmtree(staging, ignore_errors=True)
         else:
-            _move_into_place(staging, final)
+            move_into_place(staging, final)
         return manifest
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -256,7 +256,8 @@ def check_output_folder(out: Path, inputs: list[Path], overwrite: bool) -> None:
                         f"choose another --out")
 
 
-def _move_into_place(staging: Path, final: Path) -> None:
+def move_into_place(staging: Path, final: Path) -> None:
+    """Rename a finished ``staging`` folder to ``final``, replacing what was there (checked)."""
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
