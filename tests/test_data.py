@@ -544,24 +544,31 @@ def test_independent_processes_on_one_machine(corpus, tmp_path):
 # --------------------------------------------------------------------------- embedded corpus
 
 
-def test_embedded_corpus_is_built_once_and_loads(tmp_path):
+def test_embedded_corpus_is_built_once_and_loads(tmp_path_factory, capfd):
     import time
 
     from mythos_scale.data.embedded import ensure_embedded_dataset, stdlib_source_files
 
     files = stdlib_source_files()
     assert files and all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
-    path = ensure_embedded_dataset(tmp_path, seq_len=64, vocab_size=512)
+    cache = tmp_path_factory.getbasetemp() / "embedded-cache"  # shared with test_cli_user_paths
+    built_before = any(cache.glob("embedded/*-v512-L32/manifest.json"))
+    path = ensure_embedded_dataset(cache, seq_len=32, vocab_size=512)
+    if not built_before:  # the build says where it writes, and shows its progress
+        err = capfd.readouterr().err
+        assert f"building the embedded corpus ({len(files)} standard-library files" in err
+        assert str(path) in err and "train the tokenizer: 100%" in err and "tokenize:" in err
     m = read_manifest(path)
-    assert m.seq_len == 64 and m.vocab_size <= 512
+    assert m.seq_len == 32 and m.vocab_size <= 512
     assert m.splits["train"].sequences > 1000 and m.splits["val"].sequences > 0
     start = time.perf_counter()
-    assert ensure_embedded_dataset(tmp_path, seq_len=64, vocab_size=512) == path
+    assert ensure_embedded_dataset(cache, seq_len=32, vocab_size=512) == path
     assert time.perf_counter() - start < 1.0  # cached
-    cfg = DataConfig(cache_dir=str(tmp_path), seq_len=64)  # sources default to "embedded"
+    assert "building" not in capfd.readouterr().err
+    cfg = DataConfig(cache_dir=str(cache), seq_len=32)  # sources default to "embedded"
     x, y = next(build_train_loader(cfg, micro_batch_size=2, dp_rank=0, dp_world=1,
                                    vocab_size=512))
-    assert x.shape == (2, 64) and int(x.max()) < m.vocab_size
+    assert x.shape == (2, 32) and int(x.max()) < m.vocab_size
     # the tokens decode back to standard-library source text
     segments = np.split(x[0].numpy(), np.flatnonzero(x[0].numpy() == m.eos_id))
     longest = max(segments, key=len).tolist()

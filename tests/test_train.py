@@ -234,6 +234,11 @@ def test_pruning_keeps_good_checkpoints_and_sets_damaged_ones_aside(tmp_path, ti
     aside = ckpt / "unusable" / "step_00000004"
     assert "truncated" in validate_checkpoint(aside)  # the damaged one, as it was
     assert [r["step"] for r in _rows(tmp_path / "r")] == [1, 2, 3, 4, 5, 6]  # one row per step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "r" / "tb"))  # resumed twice: TensorBoard purged
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_run_folder_with_only_unusable_checkpoints_is_refused_then_restart(tmp_path, tiny_dataset):
@@ -264,10 +269,12 @@ def test_failed_start_claims_nothing_and_the_corrected_command_runs(tmp_path, ti
     assert proc.returncode == 2 and "model.vocab_size (300)" in proc.stderr
     assert not (tmp_path / "r").exists()
     # A config.yaml left by a failed start (as earlier releases wrote it) does not block either.
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "config.yaml").write_text("model: {dim: 96, vocab_size: 300}\ndata: {seq_len: 32}\n")
-    run_train(tmp_path, [_data(tiny_dataset), "train.name=r", "train.max_steps=2"])
-    assert "vocab_size: 512" in (tmp_path / "r" / "config.yaml").read_text()
+    root = tmp_path / "my runs"
+    (root / "r").mkdir(parents=True)
+    (root / "r" / "config.yaml").write_text("model: {dim: 96, vocab_size: 300}\ndata: {seq_len: 32}\n")
+    proc = run_train(root, [_data(tiny_dataset), "train.name=r", "train.max_steps=2"])
+    assert "vocab_size: 512" in (root / "r" / "config.yaml").read_text()
+    assert f"tensorboard --logdir '{root}/r/tb'" in proc.stderr  # printed commands are quoted
 
 
 def test_damaged_metrics_line_neither_fails_the_run_nor_the_plots(tmp_path, tiny_dataset):

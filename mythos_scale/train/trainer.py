@@ -36,12 +36,12 @@ from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
 from mythos_scale.plan import plan_model
 from mythos_scale.train.checkpoint import CheckpointError, Checkpointer
-from mythos_scale.train.status import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
-                                       stop_requested)
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import MetricsLogger, memory_gib, peak_tflops
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
+from mythos_scale.train.status import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
+                                       stop_requested)
 
 log = logging.getLogger("mythos_scale.train")
 
