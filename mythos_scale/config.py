@@ -215,6 +215,8 @@ class TrainConfig(_Strict):
 class ParallelConfig(_Strict):
     tp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
+    # A collective that waits longer fails (NCCL: with a flight-recorder dump) instead of hanging.
+    timeout_minutes: float = Field(20.0, gt=0)
 
 
 class Config(_Strict):
