@@ -8,6 +8,7 @@ sm_90 (nothing runs them without a GPU); the GPU parity tests run only where a G
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -324,6 +325,18 @@ def test_select_kernels_without_the_extension():
     assert "PyTorch reference ops on cpu (mode=auto)" in result.stderr
     assert "ERR model.kernels=fused but the mythos kernel extension is not built" in result.stdout
     assert "MYTHOS_BUILD_EXT=cpu pip install --no-build-isolation -e ." in result.stdout
+
+
+def test_build_ext_cuda_fails_the_install_when_it_cannot_build_cuda(tmp_path):
+    """MYTHOS_BUILD_EXT=cuda with no usable nvcc: pip exits non-zero and says why, instead of
+    quietly installing CPU-only kernels (which auto would then use for CUDA tensors too)."""
+    env = dict(os.environ, MYTHOS_BUILD_EXT="cuda", CUDA_HOME=str(tmp_path / "no-cuda-here"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                             "--disable-pip-version-check", "-q", "-w", str(tmp_path / "wheels"),
+                             str(build.CSRC.parent)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "MYTHOS_BUILD_EXT=cuda cannot build the CUDA kernels: no nvcc found" in result.stdout + result.stderr
+    assert not (tmp_path / "wheels").exists() or not any((tmp_path / "wheels").iterdir())
 
 
 # ---------------------------------------------------------------- CUDA sources: a real compile with nvcc
