@@ -20,8 +20,9 @@ combine.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,14 +34,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import free_port
+from conftest import REPO, TINY_TRAIN, free_port, subprocess_env
 from mythos_scale.config import load_config
 from mythos_scale.kernels import reference, select_kernels
 from mythos_scale.model import MythosModel, update_balance_bias
 from mythos_scale.parallel.layout import LaunchError, ParallelLayout, cuda_device
 from mythos_scale.train.trainer import Trainer, sum_over_ranks
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mythos_770m.yaml"
+CONFIG = REPO / "configs" / "mythos_770m.yaml"
 SEQ = 4096
 aten = torch.ops.aten
 
@@ -271,3 +272,26 @@ def test_gpu_bound_by_local_rank():
     """LOCAL_RANK names the GPU (as DeepSpeed binds it); a rank without its GPU is a launch error."""
     with pytest.raises(LaunchError, match=r"LOCAL_RANK=0 but this process sees 0 GPU\(s\)"):
         cuda_device(0)
+
+
+# ---------------------------------------------------------------- launch/gpu_smoke.sh
+
+
+def test_gpu_smoke_script_saves_resumes_and_reports(tmp_path, tiny_dataset):
+    """The one-node check users run before submitting, on CPU with the tiny config: 5 steps, save,
+    stop, resume, 10 steps, figures.  Without a GPU and without NPROC it refuses (status 2)."""
+    script = REPO / "launch" / "gpu_smoke.sh"
+    env = subprocess_env()
+    refused = subprocess.run(["bash", str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "gpu_smoke: no GPU visible" in refused.stderr
+    env.update(CONFIG=str(REPO / "configs" / "tiny_cpu.yaml"), NPROC="1", DATA=str(tiny_dataset),
+               RUN_ROOT=str(tmp_path), MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(script), *TINY_TRAIN], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = re.search(r"gpu_smoke: OK: saved at step 5, resumed, reached step 10 \| ([\d,]+) tokens/s .* "
+                        r"MFU ([\d.]+)% \| peak memory ([\d.]+) GiB", proc.stdout)
+    assert summary, proc.stdout[-2000:]
+    assert float(summary.group(1).replace(",", "")) > 0 and float(summary.group(2)) > 0
+    assert list(tmp_path.glob("smoke_*/checkpoints/step_*"))
+    assert (tiny_dataset / "train" / "verified_xxh64.json").is_file()  # hashed once, recorded
