@@ -243,6 +243,8 @@ def test_cpu_collectives_fail_on_an_nccl_only_group(nccl_only_group):
     dist.all_reduce(both, group=nccl_only_group)  # the cpu:gloo,cuda:... group takes CPU tensors
     layout = ParallelLayout(rank=0, world_size=1, local_rank=0, tp=1, ep=1, device=torch.device("cuda", 0))
     assert layout.backend == "cpu:gloo,cuda:nccl"
+    cpu_layout = ParallelLayout(rank=0, world_size=1, local_rank=0, tp=1, ep=1, device=torch.device("cpu"))
+    assert cpu_layout.backend == "cpu:gloo,cuda:gloo"  # what every multi-rank CPU test runs DeepSpeed with
 
 
 def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_group):

@@ -177,8 +177,8 @@ def update_balance_bias(model: nn.Module, rate: float,
         layer.balance_bias.add_(step.to(layer.balance_bias.dtype))
         layer.expert_counts.zero_()
     ratio = torch.where(seen, counts.max(dim=-1, keepdim=True).values / mean.clamp_min(1e-9), 0.0)
-    per_depth = ratio.squeeze(-1).amax(dim=0)
-    stats = {f"moe/load_max_over_mean/depth_{t}": float(v) for t, v in enumerate(per_depth) if v > 0}
+    per_depth = ratio.squeeze(-1).amax(dim=0).tolist()  # the one host sync
+    stats = {f"moe/load_max_over_mean/depth_{t}": v for t, v in enumerate(per_depth) if v > 0}
     if stats:
-        stats["moe/load_max_over_mean"] = float(per_depth.max())
+        stats["moe/load_max_over_mean"] = max(per_depth)
     return stats

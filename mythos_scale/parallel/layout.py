@@ -59,10 +59,11 @@ class ParallelLayout:
 
     @property
     def backend(self) -> str:
-        """The process group's backends by device (torchtitan's choice): on GPU, NCCL for CUDA
-        tensors and gloo for CPU ones, so a collective on a CPU tensor works instead of failing
-        with "No backend type associated with device type cpu"."""
-        return "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        """The process group's backend per device type (torchtitan's choice): on GPU, NCCL for
+        CUDA tensors and gloo for CPU ones, so a collective on a CPU tensor works instead of
+        failing with "No backend type associated with device type cpu".  On CPU, gloo for both
+        (what plain "gloo" means), spelled the same way so CPU runs exercise the form."""
+        return f"cpu:gloo,cuda:{'nccl' if self.device.type == 'cuda' else 'gloo'}"
 
 
 def _env_int(name: str) -> int | None:
