@@ -5,8 +5,8 @@
 A step is the model's share of a training step: forward, cross-entropy, backward and (unless
 ``--no-optimizer``) an AdamW step.  Model FLOP/s use the `mythos plan` count (the FLOPs of the
 T loops actually run; the optimizer's are not counted).  The roofline is an fp32 matmul
-(``--matmul`` n x n x n, 2 n^3 FLOPs) timed in the same process right after every step, so
-both see the same machine load: the printed fraction is the median over steps of (model
+(``--matmul`` n x n x n, 2 n^3 FLOPs) run back to back for as long as the step took, right
+after every step, so both see the same machine load: the printed fraction is the median over steps of (model
 FLOP/s of the step) / (matmul FLOP/s measured after it).  ``--profile ROWS`` prints the top ops
 of one step (torch.profiler, self CPU time).
 """
@@ -26,15 +26,16 @@ from mythos_scale.plan import plan_model
 from mythos_scale.train.optim import build_optimizer
 
 
-def matmul_gflops(size: int, repeats: int = 3) -> float:
-    """fp32 ``size^3`` matmul rate of this process's threads (best of ``repeats``)."""
+def matmul_gflops(size: int, seconds: float) -> float:
+    """fp32 ``size^3`` matmul rate of this process's threads, averaged over about ``seconds`` of
+    back-to-back matmuls (as long as a step: the same share of a busy machine as the step got)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    a @ b
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+        count += 1
+    return 2 * size ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -86,7 +87,7 @@ def main() -> None:
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
-        matmul.append(matmul_gflops(args.matmul))
+        matmul.append(matmul_gflops(args.matmul, seconds[-1]))
         fractions.append(flops_per_step / seconds[-1] / 1e9 / matmul[-1])
     median = statistics.median(seconds)
     tokens_per_s = args.batch * seq / median
