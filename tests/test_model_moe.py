@@ -163,8 +163,10 @@ def test_grouped_gemm_experts_equal_a_per_expert_loop(dtype):
     assert mythos_moe.grouped_mm_supported(x, experts.w_gate)
     grouped = run(lambda xi: experts(xi, group_end))
     looped = run(lambda xi: plain_expert_loop(experts, xi, counts))
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for name, g, ref in zip(["out", "x", "w_gate", "w_up", "w_down"], grouped, looped):
+        # bf16: a few ulps of the largest entry (the two sum in different orders)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2 * ref.abs().max().item(),
+                                                                              rtol=2e-2)
         torch.testing.assert_close(g, ref, **tol, msg=lambda m: f"{name}: {m}")
     assert grouped[3][1].abs().sum() == 0  # expert 1 saw no token: zero gradient
 

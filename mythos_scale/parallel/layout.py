@@ -108,7 +108,7 @@ def cuda_device(local_rank: int) -> torch.device:
 
 
 def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0) -> ParallelLayout:
-    """Start torch.distributed (``cpu:gloo,cuda:nccl`` on GPU, gloo on CPU) and return the layout.
+    """Start torch.distributed (with :attr:`ParallelLayout.backend`) and return the layout.
     A collective that waits more than ``timeout_minutes`` fails instead of hanging the job."""
     _fill_env_from_launcher()
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
