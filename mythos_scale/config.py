@@ -149,9 +149,11 @@ class DataConfig(_Strict):
     seq_len: int = Field(256, ge=1)
     shuffle_seed: int = 1234
     num_workers: int = Field(0, ge=0)
-    # Before reading local shards, check them against their index: "size" (cheap) or "hash"
-    # (xxh64 of every shard; catches silent corruption).  Remote shards are hashed on download.
-    verify_shards: Literal["size", "hash"] = "hash"
+    # Before reading local shards, check them against their index and the manifest: "size" (a stat
+    # per shard), "hash" (also the xxh64 of every shard, on every start: a full read of the data)
+    # or "hash_once" (the xxh64 the first time, then again only for shards whose size or mtime
+    # changed).  Remote shards are hashed on download.
+    verify_shards: Literal["size", "hash", "hash_once"] = "size"
 
 
 # --------------------------------------------------------------------------- train
@@ -219,6 +221,8 @@ class TrainConfig(_Strict):
 class ParallelConfig(_Strict):
     tp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
+    # A collective that waits longer fails (NCCL: with a flight-recorder dump) instead of hanging.
+    timeout_minutes: float = Field(20.0, gt=0)
 
 
 class Config(_Strict):

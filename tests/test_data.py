@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -309,6 +310,33 @@ def test_damaged_dataset_is_refused(corpus, tmp_path, damage, verify, message):
     with pytest.raises(DataError, match=message):
         build_train_loader(_cfg(ds, verify_shards=verify), micro_batch_size=2, dp_rank=0,
                            dp_world=1, vocab_size=320)
+
+
+def test_hash_once_hashes_until_a_shard_changes(corpus, tmp_path):
+    """hash_once: the first start hashes and records each shard's size and mtime; a restart
+    only stats (a shard rewritten in place with its old mtime is then trusted, as "size" trusts
+    it); a shard whose mtime moved is hashed again."""
+    ds = _copy(corpus["dataset"], tmp_path / "ds")
+    marker = ds / "train" / "verified_xxh64.json"
+
+    def open_train(verify: str):
+        return build_train_loader(_cfg(ds, verify_shards=verify), micro_batch_size=2, dp_rank=0,
+                                  dp_world=1, vocab_size=320)
+
+    open_train("hash_once")
+    assert marker.is_file()
+    shard = ds / "train" / "shard.00000.mds"
+    stamp = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    open_train("hash_once")  # recorded as verified, unchanged size and mtime: not read again
+    with pytest.raises(DataError, match="is corrupted"):
+        open_train("hash")
+    os.utime(shard)  # now it looks changed
+    with pytest.raises(DataError, match="is corrupted"):
+        open_train("hash_once")
 
 
 def test_blend_requires_one_tokenizer_and_no_val_split_is_reported(corpus, tmp_path):

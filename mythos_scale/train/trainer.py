@@ -55,6 +55,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (the message says why); exit status 1."""
 
 
+def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Sum scalars over all ranks in one all-reduce, read back with one host sync.  The tensor is
+    on ``device``, the layout's: an NCCL group has no CPU backend (the process group is
+    ``cpu:gloo,cuda:nccl`` so CPU tensors work too, through gloo)."""
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
+    dist.all_reduce(packed)
+    return packed.tolist()
+
+
 def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:
     t = cfg.train
     per_step = t.micro_batch_size * layout.dp
@@ -223,9 +232,7 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def _any_rank_wants_stop(self) -> bool:
-        flag = torch.tensor([1.0 if stop_requested() else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return sum_over_ranks([1.0 if stop_requested() else 0.0], self.layout.device)[0] > 0
 
     # ------------------------------------------------------------------ state
 
@@ -327,9 +334,8 @@ class Trainer:
                                    all_reduce=lambda counts: dist.all_reduce(counts))
         # Mean of every part over micro-batches and data-parallel ranks, in one collective.
         names = sorted(sums)
-        packed = torch.stack([sums[n] for n in names]) / (self.grad_accum * self.layout.dp)
-        dist.all_reduce(packed)
-        metrics = {f"train/{n}": v for n, v in zip(names, packed.tolist())}
+        means = sum_over_ranks([sums[n] / (self.grad_accum * self.layout.dp) for n in names], self.layout.device)
+        metrics = {f"train/{n}": v for n, v in zip(names, means)}
 
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -386,18 +392,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.engine.eval()
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=self.layout.device), 0
         n_loops = self.cfg.train.loops.mean
         for i, (inputs, labels) in enumerate(self.val_loader):
             if i >= self.cfg.train.eval_batches:
                 break
             out = self.engine(inputs.to(self.layout.device), n_loops=n_loops)
-            total += self._lm_loss(out.logits.float(), labels.to(self.layout.device)).cpu()
+            total += self._lm_loss(out.logits.float(), labels.to(self.layout.device))
             count += 1
         self.engine.train()
-        packed = torch.stack([total, torch.tensor(float(count))])
-        dist.all_reduce(packed)
-        return (packed[0] / packed[1].clamp(min=1)).item()
+        loss_sum, batches = sum_over_ranks([total, float(count)], self.layout.device)
+        return loss_sum / max(batches, 1.0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -503,7 +508,7 @@ def run(cfg: Config) -> int:
     try:
         if not torch.cuda.is_available():
             _skip_deepspeed_shm_op()
-        layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep)
+        layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_minutes)
         return Trainer(cfg, layout).fit()
     except (ConfigError, LaunchError, CheckpointError, DataError) as exc:
         print(f"mythos train: error: {exc}", file=sys.stderr)
