@@ -9,8 +9,8 @@ and its forward (:class:`ExpertParallelExperts`) sends each row to the rank that
    each rank how many rows every source sends to each of its local experts;
 2. one device->host sync reads the per-rank split sizes (``all_to_all_single`` takes them as
    Python ints: this is the one sync per MoE call under EP, on gloo and NCCL alike);
-3. tokens: one all-to-all with those uneven splits (``torch.distributed.nn.functional``,
-   differentiable); rows arrive grouped by source, then by local expert;
+3. tokens: one all-to-all with those uneven splits (torch's functional collectives, with
+   autograd); rows arrive grouped by source, then by local expert;
 4. the received rows are put in local-expert order by a permutation computed on the device from
    the counts (no second sort), the local experts run as one grouped GEMM per projection
    (``RoutedExperts.forward``), and the rows are put back in source order;
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
 from mythos_scale.kernels import ops
 from mythos_scale.model.moe import RoutedExperts
@@ -64,19 +64,15 @@ class ExpertParallelExperts(RoutedExperts):
         Returns (M, D): the experts' outputs for these rows, in the same order."""
         ep, local = dist.get_world_size(self.ep_group), self.w_gate.shape[0]
         counts = torch.diff(group_end, prepend=group_end.new_zeros(1)).long()
-        received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts, group=self.ep_group)
-        received = received.view(ep, local)  # [s, e]: rows source s sends to local expert e
+        received = all_to_all_single(counts, None, None, self.ep_group).view(ep, local)  # [s, e]: from s to e
         splits = torch.cat((counts.view(ep, local).sum(1), received.sum(1))).tolist()  # the one host sync
         send, receive = splits[:ep], splits[ep:]
         total = sum(receive)
-        x_in = all_to_all_single(x_sorted.new_empty(total, x_sorted.shape[1]), x_sorted.contiguous(),
-                                 output_split_sizes=receive, input_split_sizes=send, group=self.ep_group)
+        x_in = all_to_all_single_autograd(x_sorted.contiguous(), receive, send, self.ep_group)
         rows, local_end = local_expert_order(received, total)
         y_local = super().forward(ops().moe_permute(x_in, rows), local_end)
         y_in = ops().moe_unpermute(y_local, rows, None)
-        return all_to_all_single(x_sorted.new_empty(x_sorted.shape), y_in, output_split_sizes=send,
-                                 input_split_sizes=receive, group=self.ep_group)
+        return all_to_all_single_autograd(y_in, send, receive, self.ep_group)
 
 
 def shard_experts(model: nn.Module, rank: int, size: int, group: dist.ProcessGroup) -> None:
