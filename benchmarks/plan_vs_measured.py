@@ -1,7 +1,7 @@
 """The planner's estimates against measurements of the real trainer on this machine's CPU.
 
     python benchmarks/plan_vs_measured.py memory [--quick] [--json out.json]
-    python benchmarks/plan_vs_measured.py comm [--quick] [--json out.json]
+    python benchmarks/plan_vs_measured.py comm [--json out.json]
 
 ``memory``: for several (config, T, k, checkpointing, micro-batch, ZeRO stage) points, builds the
 real :class:`~mythos_scale.train.trainer.Trainer` (DeepSpeed engine, fp32 on CPU, world of one)
@@ -17,15 +17,22 @@ and runs two optimizer steps (the second is the first with Adam's states), measu
   slack, but not pages of a ``torch.empty`` buffer that were never written.
 
 ``comm``: starts 2 gloo ranks with the DeepSpeed launcher; each builds the real Trainer for
-ZeRO-1 and ZeRO-2 (with gradient accumulation) and wraps the ``torch.distributed`` collectives
-to log every call (kind, group size, bytes) during ``train_step``.  The bytes each rank puts on
-the wire follow from each call (ring algorithms: all-reduce 2 (n-1)/n, all-gather and
-reduce-scatter (n-1)/n of the full tensor); the rank's TCP bytes sent on its gloo connections
-(``TCP_INFO``) are read too, the bytes that really crossed.
+ZeRO-1 and ZeRO-2 (with gradient accumulation, several gradient buckets, and DeepSpeed's
+reduce-to-owner path) and logs every collective the dispatcher executes during ``train_step``
+(a ``TorchDispatchMode`` sees each ``c10d`` op: kind, group size, payload), whoever called it.
+The bytes each rank puts on the wire follow from each call (ring algorithms: all-reduce
+2 (n-1)/n, all-gather (n-1)/n of the gathered tensor); the rank's TCP bytes sent on its gloo
+connections (``TCP_INFO``, the rendezvous store's left out) are read too: the bytes that really
+crossed.  The same run measures each rank's peak memory (ZeRO's sharding over 2 ranks).
 
-Each point prints measured and estimated figures; ``--json`` writes them for scripts (the tests
-run ``--quick`` and check the tolerances).  Runs the worker part in this process (memory) or
-under the DeepSpeed launcher (comm).
+TP and EP: the planner models their collectives (``mythos_scale/plan/comms.py``).  When the
+trainer gains them, a ``COMM_POINTS`` entry with ``parallel.tp=2`` / ``parallel.ep=2`` overrides
+is all it takes: the log already records every kind (all-to-all included) with its group size,
+and the comparison is per (kind, group size).
+
+Each point prints measured and estimated figures; ``--json`` writes them for scripts
+(``tests/test_plan_measured.py`` runs ``memory --quick`` and ``comm`` and checks the tolerances).
+``memory --fresh`` runs each point in a process of its own so that its RSS peak means something.
 """
 
 from __future__ import annotations
@@ -51,14 +58,14 @@ STDLIB_FILES = ("argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.p
 MIB = 2 ** 20
 
 # A mid-size RDT: the 770M preset's structure (sandwich norm, MLA, 2 shared + top-k routed
-# experts, LoRA on q/kv/o) at CPU scale.
-MID = ["model.vocab_size=8192", "model.dim=384", "model.n_heads=6", "model.max_seq_len=512",
-       "model.prelude_layers=1", "model.core_layers=2", "model.coda_layers=1", "model.max_loops=8",
-       "model.dense_ffn_hidden=1024", "model.lora_rank=8", "model.lora_targets=[q,kv,o]",
-       "model.sandwich_norm=true", "model.attention.kv_lora_rank=96", "model.attention.qk_nope_head_dim=48",
+# experts, LoRA on q/kv/o, z-loss) at CPU scale, ~12M parameters.
+MID = ["model.vocab_size=8192", "model.dim=384", "model.n_heads=6", "model.prelude_layers=1",
+       "model.core_layers=2", "model.coda_layers=1", "model.max_loops=8", "model.dense_ffn_hidden=1024",
+       "model.lora_rank=8", "model.lora_targets=[q,kv,o]", "model.sandwich_norm=true",
+       "model.attention.kv_lora_rank=96", "model.attention.qk_nope_head_dim=48",
        "model.attention.qk_rope_head_dim=16", "model.attention.v_head_dim=48",
        "model.moe.n_routed_experts=16", "model.moe.n_shared_experts=2", "model.moe.top_k=4",
-       "model.moe.expert_hidden=128", "data.seq_len=512", "train.z_loss_coef=1e-4"]
+       "model.moe.expert_hidden=128", "train.z_loss_coef=1e-4"]
 
 
 @dataclass
@@ -86,30 +93,32 @@ class Point:
 
 
 TINY = "configs/tiny_cpu.yaml"
-# DeepSpeed's default bucket (5e8) is 0.65x the 770M model; these points keep that ratio.
-TINY_BUCKET, MID_BUCKET = 1_300_000, 12_000_000
+# DeepSpeed's default bucket (5e8 elements) is 0.65x the 770M model; most points keep that
+# ratio, the first ones keep the default (on CPU: a 2 GB fp32 bucket, the largest piece).
+TINY_BUCKET, MID_BUCKET = 1_300_000, 8_000_000
 MEMORY_POINTS = [
-    Point("tiny main job", [], 3, 3, False, 8),                                   # default 5e8 bucket
-    Point("tiny ckpt T6 k2", [], 6, 2, True, 8, bucket=TINY_BUCKET),
-    Point("tiny T4 k4 ga2 zero2", [], 4, 4, False, 4, grad_accum=2, zero_stage=2, bucket=TINY_BUCKET),
-    Point("tiny ckpt T8 k8 zero2", [], 8, 8, True, 4, zero_stage=2, bucket=TINY_BUCKET),
+    Point("tiny main job", [], 3, 3, False, 8, quick=False),
+    Point("tiny T3 k3 mb2", [], 3, 3, False, 2),
+    Point("tiny ckpt T4 k2 mb2", [], 4, 2, True, 2, bucket=TINY_BUCKET),
+    Point("tiny T2 k2 ga2 zero2", [], 2, 2, False, 1, grad_accum=2, zero_stage=2, bucket=TINY_BUCKET),
+    Point("tiny ckpt T8 k8 zero2", [], 8, 8, True, 4, zero_stage=2, bucket=TINY_BUCKET, quick=False),
     Point("tiny T2 k1 mb16", [], 2, 1, False, 16, bucket=TINY_BUCKET, quick=False),
-    Point("mid ckpt T4 k2", MID, 4, 2, True, 2, bucket=MID_BUCKET),
-    Point("mid T3 k3 zero2", MID, 3, 3, False, 1, zero_stage=2, bucket=MID_BUCKET),
+    Point("mid ckpt T3 k2 mb1", MID, 3, 2, True, 1, bucket=MID_BUCKET),
+    Point("mid T2 k2 zero2", MID, 2, 2, False, 1, zero_stage=2, bucket=MID_BUCKET),
     Point("mid ckpt T6 k6 mb4", MID, 6, 6, True, 4, bucket=MID_BUCKET, quick=False),
+    Point("mid T4 k3 ga2 mb2", MID, 4, 3, False, 2, grad_accum=2, bucket=MID_BUCKET, quick=False),
 ]
 
 # 2 data-parallel ranks.  Buckets of 300k elements split tiny_cpu's 2M gradients into several
 # reductions; the last point reduces each slice to its owner instead of all-reducing buckets, and
 # switches ACT on (its 1-element bias makes DeepSpeed pad the flat buffers).
 COMM_BUCKET = 300_000
-COMM_SHAPE = ["data.seq_len=64"]
 COMM_POINTS = [
-    Point("zero1 ga2", COMM_SHAPE, 2, 1, False, 2, grad_accum=2, zero_stage=1, bucket=COMM_BUCKET),
-    Point("zero2 ga2", COMM_SHAPE, 2, 1, False, 2, grad_accum=2, zero_stage=2, bucket=COMM_BUCKET),
-    Point("zero2 reduce-to-owner act", [*COMM_SHAPE, "model.act.enabled=true",
+    Point("zero1 ga2", [], 2, 1, False, 1, grad_accum=2, zero_stage=1, bucket=COMM_BUCKET),
+    Point("zero2 ga2", [], 2, 1, False, 1, grad_accum=2, zero_stage=2, bucket=COMM_BUCKET),
+    Point("zero2 reduce-to-owner act", ["model.act.enabled=true",
                                         "deepspeed.zero_optimization.use_multi_rank_bucket_allreduce=false"],
-          2, 1, False, 2, zero_stage=2, bucket=COMM_BUCKET),
+          2, 1, False, 1, zero_stage=2, bucket=COMM_BUCKET),
 ]
 SCALAR_BYTES = 64   # the trainer's and DeepSpeed's scalar all-reduces (losses, norms, flags): not modelled
 
@@ -290,7 +299,8 @@ def _point_config(point: Point, data_root: Path, run_root: Path, world: int = 1)
 def _plan_for(cfg, point: Point, world: int, fused_kernels: bool):
     from mythos_scale.plan.layout import Layout, Runtime
 
-    layout = Layout(dp=world, tp=1, ep=1, zero_stage=point.zero_stage, micro_batch=point.micro_batch,
+    tp, ep = cfg.parallel.tp, cfg.parallel.ep
+    layout = Layout(dp=world // tp, tp=tp, ep=ep, zero_stage=point.zero_stage, micro_batch=point.micro_batch,
                     grad_accum=point.grad_accum, seq_len=cfg.data.seq_len, loops=point.loops,
                     backprop_depth=point.depth, checkpointing=point.checkpointing)
     return layout, Runtime.from_config(cfg, device="cpu", fused_kernels=fused_kernels)
@@ -396,10 +406,17 @@ def measure_memory(points: list[Point], data_root: Path, fresh: bool) -> list[di
 
 
 def _by_kind(collectives: list[dict[str, Any]]) -> dict[str, float]:
+    """Payload bytes per "kind/group size"."""
     out: dict[str, float] = {}
     for c in collectives:
-        out[c["kind"]] = out.get(c["kind"], 0) + c["payload"]
+        key = f"{c['kind']}/{c['group_size']}"
+        out[key] = out.get(key, 0) + c["payload"]
     return out
+
+
+def _unmodelled(call: dict[str, Any]) -> bool:
+    """The scalar all-reduces of the trainer and DeepSpeed (losses, norms, flags) and barriers."""
+    return call["kind"] == "barrier" or (call["kind"] == "all_reduce" and call["payload"] <= SCALAR_BYTES)
 
 
 def measure_comm(points: list[Point], data_root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -423,20 +440,20 @@ def measure_comm(points: list[Point], data_root: Path) -> tuple[list[dict[str, A
         cfg = load_config(REPO / TINY, point.config_overrides(2))
         layout, runtime = _plan_for(cfg, point, 2, fused_kernels=False)
         planned = [c.as_dict() for calls in communication(cfg.model, layout, runtime).values() for c in calls]
-        planned_by_kind = _by_kind([{"kind": c["kind"], "payload": c["payload_bytes"] * c["calls_per_step"]}
-                                    for c in planned])
+        planned_by_kind = _by_kind([{"kind": c["kind"], "group_size": c["group_size"],
+                                     "payload": c["payload_bytes"] * c["calls_per_step"]} for c in planned])
         for measured in (rank[i] for rank in ranks):
             memory_rows.append(_estimate_memory(point, measured))
             step = measured["steps"][-1]
-            bulk = [c for c in step["calls"] if c["payload"] > SCALAR_BYTES]
+            modelled = [c for c in step["calls"] if not _unmodelled(c)]
             ring = sum(WIRE_FACTOR[c["kind"]](c["group_size"]) * c["payload"]
                        for c in step["calls"] if c["kind"] in WIRE_FACTOR)
             row = {
                 "point": point.name, "rank": measured["rank"], "layout": layout.as_dict(), "planned": planned,
-                "planned_payload_by_kind": planned_by_kind, "measured_payload_by_kind": _by_kind(bulk),
+                "planned_payload_by_kind": planned_by_kind, "measured_payload_by_kind": _by_kind(modelled),
                 "steps_identical": all(s["calls"] == step["calls"] for s in measured["steps"]),
                 "allgather_padding_bytes": measured["allgather_padding_bytes"],
-                "unmodelled_calls": [c for c in step["calls"] if c["payload"] <= SCALAR_BYTES],
+                "unmodelled_calls": [c for c in step["calls"] if _unmodelled(c)],
                 "planned_wire_bytes": sum(c["wire_bytes_per_step"] for c in planned),
                 "ring_wire_bytes": ring, "tcp_sent_bytes": step["tcp_sent"],
                 "only_ring_algorithms": all(c["kind"] in ("all_reduce", "all_gather", "barrier")
@@ -493,9 +510,9 @@ def main() -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     for name in ("memory", "comm"):
         cmd = sub.add_parser(name)
-        cmd.add_argument("--quick", action="store_true", help="only the points the tests run")
         cmd.add_argument("--data-dir", help="where to prepare the shards (default: a temporary folder)")
         cmd.add_argument("--json", help="write the rows to this file")
+    sub.choices["memory"].add_argument("--quick", action="store_true", help="only the points the tests run")
     sub.choices["memory"].add_argument("--fresh", action="store_true",
                                        help="one process per point, so that the RSS peak can be trusted")
     work = sub.add_parser("worker")   # internal: one rank of a measurement

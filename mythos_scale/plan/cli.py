@@ -41,6 +41,10 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
 def _seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -73,7 +77,6 @@ def format_model(plan: dict[str, Any]) -> str:
 
 def format_plan(plan: Plan) -> str:
     lay, mem, t = plan.layout, plan.memory, plan.times
-    gib = lambda x: f"{x / GIB:.2f}"  # noqa: E731
     status = "fits" if plan.fits else "DOES NOT FIT"
     rows = [
         ("layout", f"{lay.name()}; global batch {lay.global_batch} x {lay.seq_len} = "
@@ -85,7 +88,9 @@ def format_plan(plan: Plan) -> str:
         ("  logits / loss / loss backward", " / ".join(gib(mem.activations[k]) for k in ("logits", "loss", "loss_backward"))),
         ("  one core iteration (recomputed)", gib(mem.activations["core_iteration"])),
         ("  moments", " | ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in mem.peaks.items())),
-        ("KV cache per sequence (inference)", _bytes(mem.kv_cache_bytes_per_sequence)),
+        ("inference (one GPU, bf16)", f"KV cache {_bytes(mem.kv_cache_bytes_per_sequence)} per "
+                                      f"{lay.seq_len}-token sequence at T={lay.loops}: "
+                                      f"{plan.inference_batch} sequences fit beside the weights"),
     ]
     for group, calls in plan.comms.items():
         for c in calls:
@@ -153,10 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     cluster.add_argument("--compute-efficiency", type=float, help="fraction of peak the matmuls reach (0.5)")
     cluster.add_argument("--comm-efficiency", type=float, help="fraction of link bandwidth collectives reach (0.8)")
     layout = p.add_argument_group("layout (defaults: the config's train section)")
+    layout.add_argument("--dp", type=int, help="data-parallel size (default: GPUs / TP; DP x TP = GPUs)")
     layout.add_argument("--tp", type=int, default=1)
     layout.add_argument("--ep", type=int, default=1)
     layout.add_argument("--zero-stage", type=int, choices=(1, 2))
-    layout.add_argument("--micro-batch", type=int)
+    layout.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size, or the largest "
+                        "smaller one that divides the global batch over DP")
     layout.add_argument("--global-batch", type=int, help="sequences per optimizer step")
     layout.add_argument("--checkpointing", choices=("on", "off"), help="per-iteration activation checkpointing")
     layout.add_argument("--overlap", choices=("on", "off"),
@@ -187,10 +194,15 @@ def _build(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
         out["search"] = search(cfg, cluster, rt, seq_len=seq_len, loops=loops, backprop_depth=depth,
                                global_batch=global_batch, overlap=overlap, token_budget=budget)
         return out
-    if cluster.world % args.tp:
+    if args.tp < 1 or cluster.world % args.tp:
         raise ValueError(f"--tp {args.tp} does not divide the {cluster.world} GPUs")
     dp = cluster.world // args.tp
-    micro = args.micro_batch or cfg.train.micro_batch_size
+    if args.dp is not None and args.dp != dp:
+        raise ValueError(f"--dp {args.dp} x --tp {args.tp} must equal the cluster's {cluster.world} GPUs")
+    if global_batch < dp:
+        raise ValueError(f"global batch {global_batch} is smaller than DP {dp}: set --global-batch")
+    micro = args.micro_batch or max(m for m in range(1, cfg.train.micro_batch_size + 1)
+                                    if global_batch % (m * dp) == 0)
     if global_batch % (micro * dp):
         raise ValueError(f"global batch {global_batch} is not a multiple of micro-batch {micro} x DP {dp}; "
                          "set --global-batch or --micro-batch")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from mythos_scale.config import ModelConfig
 from mythos_scale.plan.layout import Layout, Runtime
-from mythos_scale.plan.sharding import _attention, model_parts
+from mythos_scale.plan.sharding import _attention, local_params
 
 INT64 = 8
 
@@ -78,9 +78,8 @@ def group_size(layout: Layout, group: str) -> int:
 
 def data_parallel(cfg: ModelConfig, layout: Layout, rt: Runtime) -> list[Collective]:
     b = rt.compute_bytes
-    params = model_parts(cfg, layout.seq_len).params
-    dense = params.split / layout.tp + params.replicated
-    expert = params.routed / layout.ep
+    held = local_params(cfg, layout)
+    dense, expert = held.dense, held.expert
     reductions = layout.grad_accum if layout.zero_stage == 2 else 1
     kind = "all_reduce" if rt.multi_rank_bucket_allreduce else "reduce"
     # without EP DeepSpeed sees no expert groups: one set of collectives over DP

@@ -28,7 +28,7 @@ from mythos_scale.plan.comms import Collective, communication
 from mythos_scale.plan.counts import plan_model
 from mythos_scale.plan.layout import Layout, Runtime, layout_problems
 from mythos_scale.plan.memory import Memory, estimate_memory, usable_bytes
-from mythos_scale.plan.sharding import model_parts
+from mythos_scale.plan.sharding import local_params, model_parts
 
 OPTIMIZER_BYTES_PER_PARAM = 32
 SECONDS_PER_DAY = 86_400
@@ -45,6 +45,13 @@ class Plan:
     times: dict[str, float]
     usable_bytes: float
     token_budget: float
+    params_total: int
+
+    @property
+    def inference_batch(self) -> int:
+        """Sequences of ``seq_len`` whose KV cache fits on one GPU beside the bf16 weights."""
+        free = self.usable_bytes - 2 * self.params_total
+        return max(0, int(free // self.memory.kv_cache_bytes_per_sequence)) if free > 0 else 0
 
     @property
     def fits(self) -> bool:
@@ -88,6 +95,7 @@ class Plan:
             "hardware_flops_utilization": self.hfu,
             "token_budget": self.token_budget,
             "days_to_budget": self.days_to_budget,
+            "inference_sequences_per_gpu": self.inference_batch,
         }
 
 
@@ -140,8 +148,7 @@ def make_plan(cfg: Config, cluster: Cluster, layout: Layout, rt: Runtime, overla
     dp_gradients = sum(collective_seconds(c, cluster, layout) for c in comms["dp"] if c.name.endswith("gradients"))
     dp_rest = seconds["dp"] - dp_gradients
     memory = estimate_memory(m, layout, rt, counts["kv_cache_bytes_per_token"])
-    shard = memory.static["master_fp32"] / 4
-    optimizer = shard * OPTIMIZER_BYTES_PER_PARAM / (cluster.gpu.hbm_tbps * 1e12)
+    optimizer = local_params(m, layout).shard * OPTIMIZER_BYTES_PER_PARAM / (cluster.gpu.hbm_tbps * 1e12)
     exposed = compute + seconds["tp"] + seconds["ep"] + dp_rest + optimizer
     times = {
         "compute": compute, "dp_comm": seconds["dp"], "tp_comm": seconds["tp"], "ep_comm": seconds["ep"],
@@ -152,4 +159,5 @@ def make_plan(cfg: Config, cluster: Cluster, layout: Layout, rt: Runtime, overla
     times["step"] = times["step_overlap" if overlap else "step_no_overlap"]
     return Plan(layout=layout, cluster=cluster, memory=memory, comms=comms,
                 model_flops_per_token=counts["flops_per_token"], hardware_flops_per_gpu_step=hardware,
-                times=times, usable_bytes=usable_bytes(cluster.gpu.memory_gib), token_budget=token_budget)
+                times=times, usable_bytes=usable_bytes(cluster.gpu.memory_gib), token_budget=token_budget,
+                params_total=counts["params_total"])

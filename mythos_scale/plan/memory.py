@@ -6,21 +6,25 @@ over the expert-data-parallel group DP / EP), per GPU with ``b`` the compute dty
     weights      b x local params                       (bf16 on GPU, fp32 on CPU)
     master       4 x shard                              (DeepSpeed keeps an fp32 partition even in fp32)
     adam         8 x shard                              (exp_avg, exp_avg_sq in fp32)
-    gradients    ZeRO-1: b x local params (each rank keeps full gradients until the step)
-                 ZeRO-2: b x shard, plus the core's gradients while the looped core's backward
-                         accumulates them (a weight shared by k iterations is reduced only after
-                         its last use)
+    gradients    ZeRO-1: b x local params, full gradients on every rank until the step
+                 ZeRO-2: b x shard in a partition buffer (two while accumulating micro-batches)
+                 both:   the gradients autograd sums before their hook fires: the looped core's
+                         over its k iterations, the tied embedding's from the LM head until the
+                         embedding's backward (ZeRO-1: only while accumulating, else they are it)
     bucket       b x reduce_bucket_size (x2 with overlap_comm): DeepSpeed's contiguous gradient
                  bucket, allocated whole at the first gradient hook, plus the flattened copy
                  each bucket all-reduce makes
+    step         the largest parameter group's flattened gradient and (bf16) its fp32 copy;
+                 on CPU also the two temporaries of torch's unfused AdamW (CUDA's fused has none)
 
 Activations of one micro-batch of N tokens (saved tensors, counted per op from the model's
 code; :func:`saved_bytes_per_token` lists them):
 
 - prelude and coda blocks keep their saved tensors;
 - the T - k no-grad iterations keep only the current state h;
-- with checkpointing each of the k grad iterations keeps its input h (N x D), and the backward
-  recomputes one iteration at a time; without, all k iterations keep everything;
+- with checkpointing each of the k grad iterations keeps its input h (N x D) (and all of them
+  the injected input), and the backward recomputes one iteration at a time; without, all k
+  iterations keep everything;
 - the logits (N x V, compute dtype) live through the whole backward (the step holds the model
   output), the loss keeps log_softmax in fp32 (N x V x 4; the z-loss also the fp32 logits), and
   its backward briefly holds two more fp32 N x V gradients;
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 
 from mythos_scale.config import ModelConfig
 from mythos_scale.plan.layout import Layout, Runtime
-from mythos_scale.plan.sharding import block_parts, model_parts
+from mythos_scale.plan.sharding import block_parts, local_params
 
 GIB = 2 ** 30
 FP32, INT64 = 4, 8
@@ -131,8 +135,8 @@ def saved_bytes_per_token(cfg: ModelConfig, rt: Runtime) -> dict[str, float]:
         "dense_block": block_saved(cfg, rt, core=False),
         "core_iteration": inject_iteration + cfg.core_layers * block_saved(cfg, rt, core=True),
         "state": d * b,
-        # B_bar e: its fp32 input and output (and the compute-dtype copy every iteration reads)
-        "injection": 2 * d * FP32 + (d * b if b != FP32 else 0),
+        "injection": 2 * d * FP32,                # B_bar e: its fp32 input and the linear's output
+        "injected": d * b,                        # B_bar e as every iteration reads it
         "head": _norm(d, rt) + d * b + INT64,     # final norm, its output, the targets
         "logits": v * b,
         "loss": v * FP32 + (v * FP32 if rt.z_loss and b != FP32 else 0),
@@ -185,11 +189,8 @@ class Memory:
 
 def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_token: float = 0.0) -> Memory:
     b, n = rt.compute_bytes, layout.tokens_per_micro_batch
-    params = model_parts(cfg, layout.seq_len).params
-    dense_local = params.split / layout.tp + params.replicated
-    expert_local = params.routed / layout.ep
-    local = dense_local + expert_local
-    shard = dense_local / layout.dp + expert_local / layout.edp
+    held = local_params(cfg, layout)
+    local, shard = held.total, held.shard
     static = {"weights": local * b, "master_fp32": shard * FP32, "adam_fp32": 2 * shard * FP32}
     if b != FP32:
         static["injection_fp32_copy"] = cfg.dim * cfg.dim * FP32   # B.float(), saved by the injection
@@ -217,8 +218,8 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_
     # The optimizer steps one parameter group at a time: the largest group's flattened gradient
     # (and its fp32 copy), and on CPU the two temporaries of torch's unfused AdamW.
     no_decay = cfg.vocab_size * cfg.dim + cfg.dim * cfg.dim
-    largest_group = max(no_decay / layout.dp, (dense_local - no_decay) / layout.dp
-                        if layout.ep > 1 else (local - no_decay) / layout.dp, expert_local / layout.edp)
+    largest_group = max(no_decay / layout.dp, (held.dense - no_decay) / layout.dp
+                        if layout.ep > 1 else (local - no_decay) / layout.dp, held.expert / layout.edp)
     step_transient = largest_group * (b + (FP32 if b != FP32 else 0) + (0 if rt.device == "cuda" else 2 * FP32))
 
     a = saved_bytes_per_token(cfg, rt)
@@ -227,7 +228,8 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_
     iteration = a["core_iteration"]
     per_grad_iteration = a["state"] if ckpt else iteration
     block_work = iteration / cfg.core_layers          # the live tensors of one block's forward
-    before_core = a["embedding"] + cfg.prelude_layers * a["dense_block"] + a["injection"]
+    before_core = (a["embedding"] + cfg.prelude_layers * a["dense_block"] + a["injection"]
+                   + (a["injected"] if ckpt else 0))   # held by the checkpoints as their input
     after_core = a["state"] + cfg.coda_layers * a["dense_block"] + a["head"] + a["loss"]
     held_logits = a["logits"]                         # the step holds the model output
     prev_logits = a["logits"] if layout.grad_accum > 1 else 0

@@ -24,17 +24,23 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _powers_of_two(up_to: int) -> list[int]:
+    return [1 << i for i in range(up_to.bit_length()) if 1 << i <= up_to]
+
+
 def search(cfg: Config, cluster: Cluster, rt: Runtime, *, seq_len: int, loops: int, backprop_depth: int,
            global_batch: int, overlap: bool, token_budget: float) -> tuple[list[Plan], list[Rejected]]:
     """All (TP, EP, ZeRO stage, micro-batch, checkpointing) layouts of ``cluster`` for a fixed
-    recipe (global batch, sequence length, T, k)."""
+    recipe (global batch, sequence length, T, k).  TP runs over the divisors of a node's GPUs
+    (and twice a node, to say why not), EP over the divisors of DP and the powers of two up to
+    twice DP."""
     fits: list[Plan] = []
     rejected: list[Rejected] = []
-    for tp in _divisors(cluster.gpus_per_node):
+    for tp in sorted(set(_divisors(cluster.gpus_per_node)) | {2 * cluster.gpus_per_node}):
         if cluster.world % tp:
             continue
         dp = cluster.world // tp
-        for ep in _divisors(dp):
+        for ep in sorted(set(_divisors(dp)) | set(_powers_of_two(2 * dp))):
             for zero in (1, 2):
                 for micro in MICRO_BATCHES:
                     for ckpt in (True, False):
@@ -56,7 +62,8 @@ def search(cfg: Config, cluster: Cluster, rt: Runtime, *, seq_len: int, loops: i
                             fits.append(plan)
                         else:
                             rejected.append(Rejected(layout.as_dict(), [
-                                f"out of memory: {plan.memory.peak / GIB:.1f} GiB at the {plan.memory.peak_moment} "
+                                f"out of memory: {plan.memory.peak / GIB:.1f} GiB at the "
+                                f"{plan.memory.peak_moment.replace('_', ' ')} "
                                 f"> {plan.usable_bytes / GIB:.1f} GiB usable"]))
     fits.sort(key=lambda p: (-p.tokens_per_second, p.memory.peak))
     return fits, rejected

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from mythos_scale.config import ModelConfig
 from mythos_scale.plan.counts import _attention_projections, _attention_score_flops, _attention_vectors
+from mythos_scale.plan.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,23 @@ def model_parts(cfg: ModelConfig, seq_len: int) -> ModelParts:
     return ModelParts(params=params, dense_layer_flops=dense_flops,
                       core_iteration_flops=cfg.core_layers * core_flops + act_flops,
                       outside_flops=Parts(replicated=2 * d * d + 2 * d * v))
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    """The parameters one GPU holds, and its ZeRO shard of them (dense over DP, experts over DP / EP)."""
+
+    dense: float
+    expert: float
+    shard: float
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.expert
+
+
+def local_params(cfg: ModelConfig, layout: Layout) -> LocalParams:
+    params = model_parts(cfg, layout.seq_len).params
+    dense = params.split / layout.tp + params.replicated
+    expert = params.routed / layout.ep
+    return LocalParams(dense=dense, expert=expert, shard=dense / layout.dp + expert / layout.edp)
