@@ -1,4 +1,4 @@
-"""``mythos plan``: size a training run on a cluster before spending the cluster on it.
+"""mythos plan: size a training run on a cluster before spending the cluster on it.
 
     mythos plan --config configs/mythos_770m.yaml --nodes 4 --gpu h100            # one layout
     mythos plan --config configs/mythos_770m.yaml --nodes 4 --gpu h100 --search   # every layout

@@ -137,8 +137,7 @@ def make_plan(cfg: Config, cluster: Cluster, layout: Layout, rt: Runtime, overla
     step_parts = parts.step_flops_per_token(m, layout.loops, layout.backprop_depth, layout.checkpointing)
     tokens_per_replica = layout.tokens_per_micro_batch * layout.grad_accum
     hardware = step_parts.per_gpu(layout.tp) * tokens_per_replica
-    once = parts.outside_flops + (m.prelude_layers + m.coda_layers) * parts.dense_layer_flops
-    backward = 2 * (once + layout.backprop_depth * parts.core_iteration_flops)
+    backward = parts.backward_flops_per_token(m, layout.backprop_depth)
     flops_per_second = cluster.gpu.bf16_tflops * 1e12 * cluster.compute_efficiency
     compute = hardware / flops_per_second
     backward_compute = backward.per_gpu(layout.tp) * tokens_per_replica / flops_per_second

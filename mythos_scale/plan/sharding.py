@@ -97,13 +97,19 @@ class ModelParts:
     core_iteration_flops: Parts   # forward FLOPs per token of one loop iteration (all core blocks)
     outside_flops: Parts          # injection B and LM head, once per forward
 
+    def _once(self, cfg: ModelConfig) -> Parts:
+        return self.outside_flops + (cfg.prelude_layers + cfg.coda_layers) * self.dense_layer_flops
+
+    def backward_flops_per_token(self, cfg: ModelConfig, backprop_depth: int) -> Parts:
+        """2x the forward of what gradients flow through: all but the T - k no-grad iterations."""
+        return 2 * (self._once(cfg) + backprop_depth * self.core_iteration_flops)
+
     def step_flops_per_token(self, cfg: ModelConfig, loops: int, backprop_depth: int, recompute: bool) -> Parts:
-        """Hardware FLOPs per token of one training step: forward, backward (2x forward of what
-        gradients flow through) and, with checkpointing, the recomputed iterations."""
-        once = self.outside_flops + (cfg.prelude_layers + cfg.coda_layers) * self.dense_layer_flops
-        forward = once + loops * self.core_iteration_flops
-        backward = 2 * (once + backprop_depth * self.core_iteration_flops)
-        return forward + backward + (backprop_depth * self.core_iteration_flops if recompute else Parts())
+        """Hardware FLOPs per token of one training step: forward, backward and, with
+        checkpointing, the recomputed iterations."""
+        forward = self._once(cfg) + loops * self.core_iteration_flops
+        recomputed = backprop_depth * self.core_iteration_flops if recompute else Parts()
+        return forward + self.backward_flops_per_token(cfg, backprop_depth) + recomputed
 
 
 def model_parts(cfg: ModelConfig, seq_len: int) -> ModelParts:
