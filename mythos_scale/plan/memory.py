@@ -8,6 +8,7 @@ over the expert-data-parallel group DP / EP), per GPU with ``b`` the compute dty
     adam         8 x shard                              (exp_avg, exp_avg_sq in fp32)
     gradients    ZeRO-1: b x local params, full gradients on every rank until the step
                  ZeRO-2: b x shard in a partition buffer (two while accumulating micro-batches)
+                 either is held through the later micro-batches when accumulating
                  both:   the gradients autograd sums before their hook fires: the looped core's
                          over its k iterations, the tied embedding's from the LM head until the
                          embedding's backward (ZeRO-1: only while accumulating, else they are it)
@@ -206,6 +207,8 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_
                                    + core_block.routed / layout.ep)
     in_flight += cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0
     accumulating = layout.grad_accum > 1
+    # the gradients of earlier micro-batches, held through the next ones' forward and backward
+    accumulated = (grads_full if layout.zero_stage == 1 else grads_shard) if accumulating else 0
     if layout.zero_stage == 1:   # full gradients; with accumulation new ones are added into them
         grads_in_backward = grads_full + (in_flight * b if accumulating else 0)
     else:
@@ -235,9 +238,10 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_
     prev_logits = a["logits"] if layout.grad_accum > 1 else 0
 
     peaks = {
-        "forward": base + n * (before_core + k * per_grad_iteration + a["state"] + block_work + prev_logits),
-        "loss_backward": base + n * (before_core + k * per_grad_iteration + after_core + held_logits
-                                     + a["loss_backward"]),
+        "forward": base + accumulated + n * (before_core + k * per_grad_iteration + a["state"] + block_work
+                                             + prev_logits),
+        "loss_backward": base + accumulated + n * (before_core + k * per_grad_iteration + after_core
+                                                   + held_logits + a["loss_backward"]),
         "core_backward": base + bucket + grads_in_backward
         + n * (before_core + (k - 1) * per_grad_iteration + iteration + held_logits
                + _backward_workspace(cfg, rt)) if k else 0.0,
