@@ -321,8 +321,9 @@ def run_point(point: Point, data_root: Path, runs: Path, steps: int = 2,
 
     from mythos_scale import kernels
     from mythos_scale.parallel import init_distributed
-    from mythos_scale.train.trainer import Trainer
+    from mythos_scale.train.trainer import Trainer, _skip_deepspeed_shm_op
 
+    _skip_deepspeed_shm_op()   # as `mythos train` does on CPU: no minute-long build of an unused op
     layout = init_distributed()
     port = int(os.environ["MASTER_PORT"])
 
@@ -493,11 +494,13 @@ def worker(what: str, names: list[str], data_root: Path, out: Path) -> None:
     import torch.distributed as dist
 
     from mythos_scale.parallel import init_distributed
+    from mythos_scale.train.trainer import _skip_deepspeed_shm_op
 
     points = [p for p in (MEMORY_POINTS if what == "memory" else COMM_POINTS) if p.name in names]
     log = CollectiveLog() if what == "comm" else None
     if log is not None:
         log.mode.__enter__()
+    _skip_deepspeed_shm_op()
     rank = init_distributed().rank
     with tempfile.TemporaryDirectory() as runs:
         results = [run_point(p, data_root, Path(runs), log=log) for p in points]
