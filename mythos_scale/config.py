@@ -219,8 +219,10 @@ class TrainConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    tp: int = Field(1, ge=1)
-    ep: int = Field(1, ge=1)
+    """world = DP x TP; EP is carved out of DP (see mythos_scale.parallel.layout)."""
+
+    tp: int = Field(1, ge=1)  # tensor parallelism: attention heads and dense/shared FFNs split
+    ep: int = Field(1, ge=1)  # expert parallelism: routed experts partitioned over ep ranks
     # A collective that waits longer fails (NCCL: with a flight-recorder dump) instead of hanging.
     timeout_minutes: float = Field(20.0, gt=0)
 
@@ -243,11 +245,44 @@ class Config(_Strict):
                  "train.global_batch_size",
                  f"({self.train.global_batch_size}) must be a multiple of "
                  f"train.micro_batch_size ({self.train.micro_batch_size})")
-        if self.model.moe.enabled:
-            _require(self.model.moe.n_routed_experts % self.parallel.ep == 0, "parallel.ep",
-                     f"ep ({self.parallel.ep}) must divide model.moe.n_routed_experts "
-                     f"({self.model.moe.n_routed_experts})")
+        self._parallel_fits_model()
         return self
+
+    def _parallel_fits_model(self) -> None:
+        """What tp and ep require of the model (what they require of the world: check_layout)."""
+        m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
+        if ep > 1:
+            _require(m.moe.enabled, "parallel.ep", f"ep ({ep}) > 1 needs model.moe.enabled (no experts to partition)")
+            _require(m.moe.n_routed_experts % ep == 0, "parallel.ep",
+                     f"ep ({ep}) must divide model.moe.n_routed_experts ({m.moe.n_routed_experts})")
+        if tp == 1:
+            return
+        _require(m.attention.type == "mla", "parallel.tp",
+                 f"tp ({tp}) > 1 is implemented for model.attention.type=mla only, not {m.attention.type}")
+        _require(m.n_heads % tp == 0, "parallel.tp", f"tp ({tp}) must divide model.n_heads ({m.n_heads})")
+        ffns = {}
+        if m.prelude_layers + m.coda_layers > 0 or not m.moe.enabled:
+            ffns["model.dense_ffn_hidden"] = m.dense_ffn_hidden
+        if m.moe.enabled and m.moe.n_shared_experts:
+            ffns["model.moe.n_shared_experts x expert_hidden"] = m.moe.n_shared_experts * m.moe.expert_hidden
+        for key, hidden in ffns.items():
+            _require(hidden % tp == 0, "parallel.tp", f"tp ({tp}) must divide {key} ({hidden})")
+
+
+def layout_problem(world_size: int, tp: int, ep: int) -> str | None:
+    """Why ``world_size`` ranks cannot be laid out as world = DP x TP with EP carved out of DP
+    (None when they can).  What tp and ep require of the model is checked at load (Config)."""
+    if world_size % tp:
+        return (f"parallel.tp={tp} does not divide the world size {world_size} "
+                f"(world = data-parallel x tensor-parallel)")
+    dp = world_size // tp
+    if ep > dp:
+        return (f"parallel.ep={ep} exceeds the data-parallel size {dp} (world {world_size} / tp {tp}): "
+                f"expert parallelism is carved out of data parallelism, so ep <= {dp}")
+    if dp % ep:
+        return (f"parallel.ep={ep} does not divide the data-parallel size {dp} (world {world_size} / tp {tp}): "
+                f"expert parallelism is carved out of data parallelism")
+    return None
 
 
 # --------------------------------------------------------------------------- loading

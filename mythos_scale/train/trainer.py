@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,6 +33,8 @@ from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
+from mythos_scale.parallel.parallelize import parallelize
+from mythos_scale.parallel.zero import load_local_expert_state, local_expert_state
 from mythos_scale.plan import plan_model
 from mythos_scale.train.checkpoint import CheckpointError, Checkpointer
 from mythos_scale.train.loops import backprop_depth, sample_loops
@@ -64,35 +65,6 @@ def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> 
     return packed.tolist()
 
 
-def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:
-    t = cfg.train
-    per_step = t.micro_batch_size * layout.dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {layout.dp})")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and layout.device.type == "cuda")
-    ds = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // per_step,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(ds, cfg.deepspeed)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout):
         self.cfg, self.layout = cfg, layout
@@ -107,8 +79,7 @@ class Trainer:
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
 
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, t), config=deepspeed_config(cfg, layout))
+        self.engine = parallelize(model, cfg, layout, lambda m: build_optimizer(m, t))  # TP, EP, ZeRO
         self.model = self.engine.module
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -169,6 +140,9 @@ class Trainer:
                  for k, v in current["model"].items() if old["model"].get(k) != v]
         if old["data"]["seq_len"] != current["data"]["seq_len"]:
             diffs.append(f"data.seq_len: {old['data']['seq_len']} -> {current['data']['seq_len']}")
+        diffs += [f"parallel.{k}: {old['parallel'][k]} -> {current['parallel'][k]} (checkpoints are sharded "
+                  f"by the layout; resharding to another layout is not supported yet)"
+                  for k in ("tp", "ep") if old["parallel"].get(k, 1) != current["parallel"][k]]
         if diffs:
             raise ConfigError(f"run folder {self.run_dir} was created with a different config "
                               f"({saved}); use another train.name or train.out_dir. Differences:\n  "
@@ -239,8 +213,10 @@ class Trainer:
     def _save(self) -> None:
         client = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
                   "schedule": {k: getattr(self.cfg.train, k) for k in SCHEDULE_KEYS}}
+        # Under EP, DeepSpeed's model file holds one EP rank's experts: each rank keeps its own here.
         seconds = self.checkpointer.save(self.engine, self.step, client,
-                                         {"data": self.train_loader.state_dict()})
+                                         {"data": self.train_loader.state_dict(),
+                                          "expert_shards": local_expert_state(self.model)})
         if self.layout.is_main:
             log.info("saved checkpoint step %d to %s in %.2fs", self.step, self.checkpointer.dir, seconds)
         self.metrics.scalars(self.step, {"ckpt/save_s": seconds})
@@ -252,6 +228,10 @@ class Trainer:
         self.tokens_seen = point.client_state["tokens_seen"]
         self.skipped_steps = point.client_state["nonfinite_skipped"]
         self.train_loader.load_state_dict(point.trainer_state["data"])
+        try:
+            load_local_expert_state(self.model, point.trainer_state.get("expert_shards", {}))
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {tag_dir}: {exc}") from None
         if self.layout.is_main:
             log.info("resumed from %s (step %d, %d tokens) in %.2fs", point.tag, self.step,
                      self.tokens_seen, time.perf_counter() - start)
@@ -330,11 +310,13 @@ class Trainer:
             stats = out.stats
 
         applied = self.engine.was_step_applied()
+        # Expert counts are summed over the data-parallel group (TP ranks route the same tokens).
         load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate,
-                                   all_reduce=lambda counts: dist.all_reduce(counts))
-        # Mean of every part over micro-batches and data-parallel ranks, in one collective.
+                                   all_reduce=lambda counts: dist.all_reduce(counts, group=self.layout.dp_group))
+        # Mean of every part over micro-batches and ranks (TP ranks hold equal copies), in one collective.
         names = sorted(sums)
-        means = sum_over_ranks([sums[n] / (self.grad_accum * self.layout.dp) for n in names], self.layout.device)
+        means = sum_over_ranks([sums[n] / (self.grad_accum * self.layout.world_size) for n in names],
+                               self.layout.device)
         metrics = {f"train/{n}": v for n, v in zip(names, means)}
 
         self.step += 1
@@ -415,8 +397,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir / "tb" if main else None,
                                      purge_step=self.step + 1 if self.resume_tag is not None else None)
         if main:
-            log.info("run folder %s | %d ranks (dp %d) | global batch %d x %d tokens | grad accum %d | "
-                     "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp,
+            log.info("run folder %s | %d ranks (dp %d, tp %d, ep %d) | global batch %d x %d tokens | grad accum %d | "
+                     "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp, self.layout.tp, self.layout.ep,
                      t.global_batch_size, self.cfg.data.seq_len, self.grad_accum, self.step, t.max_steps)
         history = open(self.run_dir / "metrics.jsonl", "a") if main else None
         batches = iter(self.train_loader)
