@@ -109,7 +109,7 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
     params = {
         "embedding": v * d,
         "prelude": cfg.prelude_layers * dense["params"],
-        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, its norm, loop emb, ACT
+        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, prelude norm, loop emb, ACT
         "core": cfg.core_layers * core["params"],
         "coda": cfg.coda_layers * dense["params"],
         "head": d + (0 if cfg.tie_embeddings else v * d),

@@ -104,17 +104,35 @@ def test_inject_rmsnorm_promotes_like_reference(fused):
     """bf16 state with fp32 parameters: both compute (and return) fp32."""
     h, e, a, loop, w = _inject_inputs((2, 3, 16))
     args = (h.bfloat16(), e.bfloat16(), a, loop, w, 1e-6)
-    out = fused.inject_rmsnorm(*args)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, reference.inject_rmsnorm(*args))
+    z, out = fused.inject_rmsnorm(*args)
+    assert z.dtype == out.dtype == torch.float32
+    torch.testing.assert_close((z, out), reference.inject_rmsnorm(*args))
 
 
 def test_inject_rmsnorm_bf16_close_to_reference(fused):
     inputs = [t.bfloat16() for t in _inject_inputs((8, 64))]
-    out = fused.inject_rmsnorm(*inputs, 1e-6)
-    ref = reference.inject_rmsnorm(*[t.float() for t in inputs], 1e-6)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+    z, out = fused.inject_rmsnorm(*inputs, 1e-6)
+    ref_z, ref_out = reference.inject_rmsnorm(*[t.float() for t in inputs], 1e-6)
+    assert z.dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(z.float(), ref_z, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
+    # the norm is of z as returned (rounded once to bf16), as the block that adds to z sees it
+    torch.testing.assert_close(out.float(), reference.inject_rmsnorm(
+        z.float(), torch.zeros_like(ref_z), torch.ones(64), torch.zeros(64), inputs[4].float(), 1e-6)[1],
+        atol=1e-2, rtol=1e-2)
+
+
+def test_inject_rmsnorm_gradient_of_one_output(fused):
+    """Only the normalized copy used, or only z: the unused output's gradient counts as zero."""
+    inputs = _inject_inputs((3, 17))
+    _assert_parity(lambda *t: fused.inject_rmsnorm(*t, 1e-6)[1], lambda *t: reference.inject_rmsnorm(*t, 1e-6)[1],
+                   inputs)
+    h, e, a, loop, w = [t.requires_grad_() for t in inputs]
+    grads = [torch.autograd.grad(op.inject_rmsnorm(h, e, a, loop, w, 1e-6)[0].pow(2).sum(), (h, e, a, loop, w),
+                                 allow_unused=True) for op in (fused, reference)]
+    for f, r in zip(grads[0][:4], grads[1][:4]):
+        torch.testing.assert_close(f, r)
+    assert grads[1][4] is None and torch.count_nonzero(grads[0][4]) == 0  # weight: unused
 
 
 @pytest.mark.parametrize("is_last", [False, True])
@@ -236,8 +254,8 @@ def test_opcheck_all_operators(fused):
 
 def test_torch_compile_forward_and_backward(fused):
     def block(h, e, a, loop, w, up):
-        z = fused.inject_rmsnorm(h, e, a, loop, w, 1e-6)
-        return fused.swiglu(z, up).sum()
+        z, normed = fused.inject_rmsnorm(h, e, a, loop, w, 1e-6)
+        return (z + fused.swiglu(normed, up)).sum()
 
     inputs = [*_inject_inputs((2, 4, 8)), torch.randn(2, 4, 8)]
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)

@@ -230,7 +230,8 @@ class Trainer:
             stats = out.stats
 
         applied = self.engine.was_step_applied()
-        load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate,
+        # A skipped (non-finite) step leaves the balance biases alone; its expert counts are dropped.
+        load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate if applied else 0.0,
                                    all_reduce=lambda counts: dist.all_reduce(counts))
         # Mean of every part over micro-batches and data-parallel ranks, in one collective.
         names = sorted(sums)
