@@ -14,8 +14,10 @@ Each is then evaluated on the whole held-out split at the loop counts of ``--eva
 the looped model's training mean and 2x / 4x that mean, in **bits per byte** of the source text:
 the sum of the token losses (nats) / ln 2 / the number of UTF-8 bytes the predicted tokens decode
 to (byte-level BPE: each token is a fixed byte string; the end-of-document token is 0 bytes).
-Writes ``loop_scaling.json`` (config, per-model bits/byte by loop count, the mean loops ACT or
-the KL exit used when enabled) and ``loop_scaling.png`` (bits/byte against loops, one line per
+The looped model is also run with Huginn's per-token KL early exit at 4x its mean loops
+(``--exit-thresholds``): held-out bits/byte and mean loops used per threshold, and greedy decoding
+speed with and without the exit.  Writes ``loop_scaling.json`` (config, per-model bits/byte by
+loop count, the exit study) and ``loop_scaling.png`` (bits/byte against loops, one line per
 model) under ``--out``, and prints a table.  Extra arguments are config overrides applied to both
 models (``train.loops.backprop_depth=4``...).  On this 2-core CPU, 600 steps of both models take
 about 20-30 minutes; use ``--steps 200`` to explore.
@@ -77,12 +79,12 @@ def token_byte_lengths(dataset_dir: Path, vocab_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def bits_per_byte(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  byte_lengths: torch.Tensor, n_loops: int, progress: tqdm) -> dict[str, float]:
+                  byte_lengths: torch.Tensor, n_loops: int, progress: tqdm, **exit_kwargs) -> dict[str, float]:
     """Held-out bits/byte of ``model`` run at ``n_loops``, plus its mean loops used when adaptive."""
     model.eval()
     nats, n_bytes, loops_used, n_tokens = 0.0, 0.0, 0.0, 0
     for inputs, labels in batches:
-        out = model(inputs, n_loops=n_loops)
+        out = model(inputs, n_loops=n_loops, **exit_kwargs)
         nats += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
         n_bytes += byte_lengths[labels].sum().item()
         if "mean_loops" in out.stats:
@@ -96,6 +98,24 @@ def bits_per_byte(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torc
     return row
 
 
+@torch.no_grad()
+def decode(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, n_loops: int,
+           exit_threshold: float) -> dict[str, float]:
+    """Greedy token-by-token decoding with a KV cache; tokens/s and mean loops per decoded token."""
+    model.eval()
+    bsz, prompt_len = prompts.shape
+    cache = model.new_cache(bsz, max_len=prompt_len + new_tokens)
+    out = model(prompts, n_loops, cache=cache, exit_threshold=exit_threshold)
+    start, used = time.perf_counter(), []
+    for i in range(new_tokens):
+        out = model(out.logits[:, -1:].argmax(-1), n_loops, cache=cache, start_pos=prompt_len + i,
+                    exit_threshold=exit_threshold)
+        used.append(out.loops_used.float().mean().item())
+    seconds = time.perf_counter() - start
+    return {"exit_threshold": exit_threshold, "tokens_per_s": bsz * new_tokens / seconds,
+            "mean_loops": sum(used) / len(used)}
+
+
 def train(cfg: Config, layout) -> tuple[torch.nn.Module, float]:
     start = time.perf_counter()
     trainer = Trainer(cfg, layout)
@@ -103,6 +123,20 @@ def train(cfg: Config, layout) -> tuple[torch.nn.Module, float]:
     if status != 0:
         raise RuntimeError(f"training {cfg.train.name} ended with status {status}")
     return trainer.model, time.perf_counter() - start
+
+
+def exit_study(model: torch.nn.Module, batches: list, byte_lengths: torch.Tensor, n_loops: int,
+               thresholds: list[float]) -> dict:
+    """The KL early exit at ``n_loops``: held-out bits/byte and mean loops per threshold, and the
+    decoding speed with and without it (4 held-out prompts of 32 tokens, 32 new tokens each)."""
+    rows = []
+    with tqdm(total=len(thresholds) * len(batches), desc="KL exit", unit="batch") as progress:
+        for tau in thresholds:
+            rows.append(dict(exit_threshold=tau, **bits_per_byte(model, batches, byte_lengths, n_loops, progress,
+                                                                exit_threshold=tau)))
+    prompts = torch.cat([b[0] for b in batches])[:4, :32]
+    speed = [decode(model, prompts, 32, n_loops, tau) for tau in (0.0, *[t for t in thresholds if t > 0])]
+    return {"loops": n_loops, "held_out": rows, "decode": speed}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -140,6 +174,8 @@ def main() -> None:
     parser.add_argument("--eval-loops", default="1,2,4,8,16")
     parser.add_argument("--eval-sequences", type=int, default=0, help="cap on held-out sequences (0: all)")
     parser.add_argument("--models", default="looped,single_loop", help="which of looped,single_loop to train")
+    parser.add_argument("--exit-thresholds", default="0,1e-4,5e-4,2e-3",
+                        help="KL early-exit thresholds tried on the looped model at 4x its mean loops ('' to skip)")
     parser.add_argument("--out", default="benchmarks/results/loop_scaling")
     parser.add_argument("--work-dir", help="run folders (default: a temporary folder, removed at the end)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the trainer's choice, all cores)")
@@ -187,6 +223,9 @@ def main() -> None:
         with tqdm(total=len(eval_loops) * len(batches), desc=f"eval {name}", unit="batch") as progress:
             for t in eval_loops:
                 res["eval"][str(t)] = bits_per_byte(model, batches, byte_lengths, t, progress)
+        if name == "looped" and not cfg.model.act.enabled and args.exit_thresholds:
+            res["kl_exit"] = exit_study(model, batches, byte_lengths, 4 * mean,
+                                        [float(x) for x in args.exit_thresholds.split(",")])
         results["models"][name] = res
         del model
     if not args.work_dir:
@@ -210,6 +249,13 @@ def main() -> None:
         (out / "loop_scaling.json").write_text(json.dumps(results, indent=2))
         for k, v in checks.items():
             print(f"{k}: {v:+.2f}")
+    kl = results["models"].get("looped", {}).get("kl_exit")
+    if kl:
+        print(f"\nKL early exit at T = {kl['loops']}: threshold, bits/byte, mean loops (held-out); decoding tokens/s")
+        for row in kl["held_out"]:
+            print(f"{row['exit_threshold']:>8g}  {row['bits_per_byte']:.4f}  {row['mean_loops_used']:.2f}")
+        for row in kl["decode"]:
+            print(f"decode {row['exit_threshold']:>8g}: {row['tokens_per_s']:.1f} tokens/s, {row['mean_loops']:.2f} loops")
     print(f"wrote {out / 'loop_scaling.json'} and {out / 'loop_scaling.png'}")
 
 

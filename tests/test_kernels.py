@@ -282,6 +282,38 @@ def test_bad_inputs_name_the_argument(fused):
         fused.act_step(torch.rand(3), torch.zeros(4), torch.zeros(4, 2), torch.randn(4, 2), 0.99, False)
 
 
+# ---------------------------------------------------------------- the model on either implementation
+
+@pytest.mark.parametrize("act", [False, True])
+def test_model_with_fused_ops_equals_reference(fused, monkeypatch, act):
+    """The whole RDT (injection + first pre-norm, ACT steps, MoE dispatch, rope, swiglu) on the
+    fused ops: the same loss and gradients as on the reference ops; ACT inference too."""
+    from mythos_scale.config import ModelConfig
+    from mythos_scale.model import build_model
+
+    cfg = ModelConfig(vocab_size=61, dim=32, n_heads=2, max_loops=4, max_seq_len=16, dense_ffn_hidden=32,
+                      lora_rank=2, act=dict(enabled=act, halt_bias_init=0.0),
+                      attention=dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+                      moe=dict(n_routed_experts=4, top_k=2, expert_hidden=16))
+    ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in (fused, reference):
+        monkeypatch.setattr(kernels, "_selected", impl)
+        model = build_model(cfg.model_copy(update={"kernels": "fused" if impl is fused else "reference"}), seed=0)
+        out = model(ids[:, :-1], n_loops=3, backprop_depth=2)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.ponder_cost
+        loss.backward()
+        with torch.no_grad():
+            inference = model.eval()(ids, n_loops=3)
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, inference))
+    (f_loss, f_grads, f_inf), (r_loss, r_grads, r_inf) = results
+    torch.testing.assert_close(f_loss, r_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in r_grads.items():
+        torch.testing.assert_close(f_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(f_inf.logits, r_inf.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(f_inf.loops_used, r_inf.loops_used)
+
+
 # ---------------------------------------------------------------- selection
 
 def test_select_kernels_modes(fused, monkeypatch, caplog):

@@ -87,9 +87,6 @@ def _inject_rmsnorm_setup(ctx, inputs, output) -> None:
 
 
 def _inject_rmsnorm_backward(ctx, grad_z, grad_out, _grad_rstd):
-    h = ctx.saved_tensors[0]
-    grad_z = torch.zeros_like(h) if grad_z is None else grad_z
-    grad_out = torch.zeros_like(h) if grad_out is None else grad_out
     return (*_ops.inject_rmsnorm_backward(grad_z, grad_out, *ctx.saved_tensors), None)
 
 

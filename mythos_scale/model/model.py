@@ -303,7 +303,7 @@ class MythosModel(nn.Module):
         act = ACTAccumulator(e, self.cfg.act.threshold) if self.halting is not None else None
         aux_total = e.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
-            input_rms = e_inj.float().pow(2).mean().sqrt()
+            input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
         h_norms, update_norms, state_to_input = [], [], []
         for t in range(loops):
             carries_grad = t >= loops - grad_loops
