@@ -33,10 +33,15 @@ EXTRAS = {
 
 # ---------------------------------------------------------------- the kernel extension (mythos_scale._C)
 # MYTHOS_BUILD_EXT: unset/0 = no extension (the PyTorch reference ops are used); cpu (or 1) = the C++
-# CPU kernels; cuda = CPU + CUDA kernels (nvcc must match torch's CUDA version, else CPU only);
-# auto = cuda when a GPU and a matching nvcc are present, else cpu.  torch must be importable while
-# building: `MYTHOS_BUILD_EXT=cpu pip install --no-build-isolation -e .`.  A failed build warns and
-# installs the package without the extension.
+# CPU kernels; cuda = CPU + CUDA kernels; auto = cuda when a GPU and a usable nvcc are present, else cpu.
+# torch must be importable while building: `MYTHOS_BUILD_EXT=cpu pip install --no-build-isolation -e .`.
+# An explicit cpu or cuda fails the install, saying why, when it cannot be built (cuda: no nvcc, or one
+# whose major version differs from torch's CUDA); auto and a failed compile under auto only warn and
+# install the package without the extension.
+
+
+class KernelBuildError(RuntimeError):
+    """MYTHOS_BUILD_EXT asked for something this environment cannot build."""
 
 
 def _warn(message: str) -> None:
@@ -52,39 +57,49 @@ def _kernel_build_module():
     return module
 
 
-def _nvcc_matches_torch(cpp_extension, torch_cuda: str | None) -> bool:
-    if torch_cuda is None or cpp_extension.CUDA_HOME is None:
-        return False
+def _nvcc_problem(cpp_extension, torch_cuda: str | None) -> str | None:
+    """Why the CUDA kernels cannot be built here, or None.  Like torch's own check, a minor
+    version difference between nvcc and torch's CUDA is accepted; a major one is not."""
+    if torch_cuda is None:
+        return "this torch is a CPU-only build (torch.version.cuda is None)"
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    if cpp_extension.CUDA_HOME is None or not os.path.isfile(nvcc):
+        return f"no nvcc found (CUDA_HOME={cpp_extension.CUDA_HOME}); set CUDA_HOME to a CUDA {torch_cuda} toolkit"
     try:
-        out = subprocess.run([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return False
-    release = re.search(r"release (\d+\.\d+)", out)
-    return release is not None and release.group(1) == ".".join(torch_cuda.split(".")[:2])
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        return f"{nvcc} --version failed: {err}"
+    release = re.search(r"release (\d+)\.(\d+)", out)
+    if release is None:
+        return f"cannot read the version from `{nvcc} --version`"
+    if release.group(1) != torch_cuda.split(".")[0]:
+        return (f"{nvcc} is CUDA {release.group(1)}.{release.group(2)} but torch was built with CUDA "
+                f"{torch_cuda}; point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit")
+    return None
 
 
 def _kernel_extension() -> tuple[list, dict]:
-    """(ext_modules, cmdclass) for setup(); empty when not asked for or torch is unavailable."""
+    """(ext_modules, cmdclass) for setup(); empty when not asked for (or, under auto, not possible)."""
     mode = os.environ.get("MYTHOS_BUILD_EXT", "0").strip().lower()
     if mode in ("", "0", "no", "off"):
         print("mythos_scale._C: not built (set MYTHOS_BUILD_EXT=cpu|cuda|auto to build the fused kernels)")
         return [], {}
     if mode not in ("1", "cpu", "cuda", "auto"):
-        _warn(f"MYTHOS_BUILD_EXT={mode!r} is not one of 0, cpu, cuda, auto; not building the extension")
-        return [], {}
+        raise KernelBuildError(f"MYTHOS_BUILD_EXT={mode!r} is not one of 0, cpu, cuda, auto")
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        _warn("torch is not importable in the build environment (pip build isolation?); not building. "
-              "Use `pip install --no-build-isolation -e .`")
-        return [], {}
-    cuda_ok = _nvcc_matches_torch(cpp_extension, torch.version.cuda)
-    cuda = mode == "cuda" and cuda_ok or mode == "auto" and cuda_ok and torch.cuda.is_available()
-    if mode == "cuda" and not cuda_ok:
-        _warn(f"MYTHOS_BUILD_EXT=cuda but no nvcc matching torch's CUDA {torch.version.cuda} "
-              f"(CUDA_HOME={cpp_extension.CUDA_HOME}); building the CPU kernels only")
+        message = ("torch is not importable in the build environment (pip build isolation?); "
+                   "use `pip install --no-build-isolation -e .`")
+        if mode == "auto":
+            _warn(message + "; not building the extension")
+            return [], {}
+        raise KernelBuildError(f"MYTHOS_BUILD_EXT={mode}: {message}") from None
+    problem = _nvcc_problem(cpp_extension, torch.version.cuda) if mode in ("cuda", "auto") else None
+    if mode == "cuda" and problem:
+        raise KernelBuildError(f"MYTHOS_BUILD_EXT=cuda cannot build the CUDA kernels: {problem}")
+    cuda = mode == "cuda" or mode == "auto" and problem is None and torch.cuda.is_available()
     kernel_build = _kernel_build_module()
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", kernel_build.CUDA_ARCHS)
@@ -96,17 +111,19 @@ def _kernel_extension() -> tuple[list, dict]:
         extra_compile_args={"cxx": kernel_build.CPU_FLAGS, "nvcc": kernel_build.NVCC_FLAGS},
     )
 
-    class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """Builds the kernels, but a failure only warns: the package works with the reference ops."""
+    class KernelBuildExtension(cpp_extension.BuildExtension):
+        """Builds the kernels; under auto a failure only warns (the reference ops work without them)."""
 
         def run(self) -> None:
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001  (any compiler or toolchain failure)
+                if mode != "auto":
+                    raise KernelBuildError(f"MYTHOS_BUILD_EXT={mode}: building the kernels failed: {err}") from err
                 _warn(f"building the kernel extension failed ({err}); installing without it")
 
     print(f"mythos_scale._C: building the {'CPU + CUDA' if cuda else 'CPU'} kernels")
-    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": KernelBuildExtension.with_options(use_ninja=True)}
 
 
 EXT_MODULES, CMDCLASS = _kernel_extension()

@@ -44,8 +44,9 @@ def cases(tokens: int, dim: int, ffn: int, top_k: int, heads: int, rope_dim: int
 
     x, vec, f = rand(tokens, dim), rand(dim), rand(tokens, ffn)
     p, idx_rows = torch.rand(tokens, dtype=dtype, device=device), tokens * top_k
-    token_index = torch.argsort(torch.randint(0, 64, (idx_rows,), device=device), stable=True) // top_k
-    gate = torch.rand(idx_rows, dtype=dtype, device=device)
+    order = torch.argsort(torch.randint(0, 64, (idx_rows,), device=device), stable=True)  # 64 experts
+    rows = torch.empty_like(order).scatter_(0, order, torch.arange(idx_rows, device=device)).view(tokens, top_k)
+    gate = torch.rand(tokens, top_k, dtype=dtype, device=device)
     y = rand(idx_rows, dim)
     seq = tokens // 2
     q = rand(2, seq, heads, rope_dim)
@@ -61,10 +62,10 @@ def cases(tokens: int, dim: int, ffn: int, top_k: int, heads: int, rope_dim: int
         Case("act_step", f"({tokens}, {dim})", 3 * _nbytes(x), 3 * _nbytes(x),
              grad_leaves(p, torch.zeros_like(p), x, x), lambda m, t: m.act_step(*t, 0.99, False)),
         Case("moe_permute", f"({tokens}, {dim}) x top-{top_k}", 2 * _nbytes(y), _nbytes(y) + _nbytes(x),
-             grad_leaves(x), lambda m, t: m.moe_permute(t[0], token_index)),
+             grad_leaves(x), lambda m, t: m.moe_permute(t[0], rows)),
         Case("moe_unpermute", f"({idx_rows}, {dim}) -> ({tokens}, {dim})", _nbytes(y) + _nbytes(x),
              _nbytes(x) + 2 * _nbytes(y), grad_leaves(y, gate),
-             lambda m, t: m.moe_unpermute(t[0], token_index, t[1], tokens)),
+             lambda m, t: m.moe_unpermute(t[0], rows, t[1])),
         Case("swiglu", f"({tokens}, {ffn})", 3 * _nbytes(f), 5 * _nbytes(f),
              grad_leaves(f, f), lambda m, t: m.swiglu(*t)),
         Case("apply_rope", f"(2, {seq}, {heads}, {rope_dim})", 2 * _nbytes(q), 2 * _nbytes(q),

@@ -1,15 +1,21 @@
-"""Forward+backward throughput of the model on CPU (or the current default device).
+"""Training-step throughput of the model on CPU, against the fp32 matmul rate of the same run.
 
     python benchmarks/bench_model.py [--config configs/tiny_cpu.yaml] [--loops 4] [--json out.json]
 
-Prints tokens/s of a full training step's model work (forward, backward; no optimizer) and the
-achieved FLOP/s by the `mythos plan` count.
+A step is the model's share of a training step: forward, cross-entropy, backward and (unless
+``--no-optimizer``) an AdamW step.  Model FLOP/s use the `mythos plan` count (the FLOPs of the
+T loops actually run; the optimizer's are not counted).  The roofline is an fp32 matmul
+(``--matmul`` n x n x n, 2 n^3 FLOPs) run back to back for as long as the step took, right
+after every step, so both see the same machine load: the printed fraction is the median over steps of (model
+FLOP/s of the step) / (matmul FLOP/s measured after it).  ``--profile ROWS`` prints the top ops
+of one step (torch.profiler, self CPU time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -17,6 +23,19 @@ import torch
 from mythos_scale.config import load_config
 from mythos_scale.model import build_model
 from mythos_scale.plan import plan_model
+from mythos_scale.train.optim import build_optimizer
+
+
+def matmul_gflops(size: int, seconds: float) -> float:
+    """fp32 ``size^3`` matmul rate of this process's threads, averaged over about ``seconds`` of
+    back-to-back matmuls (as long as a step: the same share of a busy machine as the step got)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size ** 3 * count / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -26,11 +45,14 @@ def main() -> None:
     parser.add_argument("--backprop-depth", type=int, help="default: all loops")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, help="default: model.max_seq_len")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--matmul", type=int, default=1024, help="size n of the n x n x n fp32 roofline matmul")
+    parser.add_argument("--no-optimizer", action="store_true", help="forward and backward only")
     parser.add_argument("--kernels", choices=["auto", "fused", "reference"], default="auto",
                         help="model.kernels: the fused extension or the PyTorch reference ops")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
@@ -39,35 +61,52 @@ def main() -> None:
         from mythos_scale.kernels.build import load_extension
 
         load_extension()
-    cfg = load_config(args.config, [f"model.kernels={args.kernels}"]).model
-    seq = args.seq_len or cfg.max_seq_len
+    cfg = load_config(args.config, [f"model.kernels={args.kernels}"])
+    model_cfg = cfg.model
+    seq = args.seq_len or model_cfg.max_seq_len
     depth = args.backprop_depth if args.backprop_depth is not None else args.loops
-    model = build_model(cfg, seed=0).train()
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    model = build_model(model_cfg, seed=0).train()
+    optimizer = None if args.no_optimizer else build_optimizer(model, cfg.train)
+    tokens = torch.randint(0, model_cfg.vocab_size, (args.batch, seq + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
         out = model(inputs, n_loops=args.loops, backprop_depth=depth)
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
         (loss + out.moe_aux_loss + out.ponder_cost).backward()
+        if optimizer is not None:
+            optimizer.step()
         model.zero_grad(set_to_none=True)
 
+    plan = plan_model(model_cfg, args.loops, depth, seq)
+    flops_per_step = plan["flops_per_token"] * args.batch * seq
     for _ in range(args.warmup):
         step()
-    start = time.perf_counter()
+    seconds, fractions, matmul = [], [], []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    elapsed = time.perf_counter() - start
-    tokens_per_s = args.batch * seq * args.steps / elapsed
-    plan = plan_model(cfg, args.loops, depth, seq)
+        seconds.append(time.perf_counter() - start)
+        matmul.append(matmul_gflops(args.matmul, seconds[-1]))
+        fractions.append(flops_per_step / seconds[-1] / 1e9 / matmul[-1])
+    median = statistics.median(seconds)
+    tokens_per_s = args.batch * seq / median
     result = {
         "config": args.config, "loops": args.loops, "backprop_depth": depth, "batch": args.batch,
-        "seq_len": seq, "threads": args.threads, "params_total": plan["params_total"],
-        "seconds_per_step": elapsed / args.steps, "tokens_per_s": tokens_per_s,
-        "model_gflops_per_s": tokens_per_s * plan["flops_per_token"] / 1e9,
+        "seq_len": seq, "threads": args.threads, "kernels": args.kernels, "optimizer": optimizer is not None,
+        "params_total": plan["params_total"], "seconds_per_step": median, "tokens_per_s": tokens_per_s,
+        "model_gflops_per_s": flops_per_step / median / 1e9,
+        "matmul_gflops_per_s": statistics.median(matmul),
+        "fraction_of_matmul_rate": statistics.median(fractions),
     }
     for key, value in result.items():
-        print(f"{key:>18}: {value:.4g}" if isinstance(value, float) else f"{key:>18}: {value}")
+        print(f"{key:>24}: {value:.4g}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,16 +1,13 @@
 // Shared by the CPU and CUDA implementations of the `mythos::` operators: input checks
-// (one message per mistake, naming the op and the argument) and the row-pointer build of the
-// MoE un-permute.  The math each op must match is mythos_scale/kernels/reference.py.
+// (one message per mistake, naming the op and the argument).  The math each op must match is
+// mythos_scale/kernels/reference.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/searchsorted.h>
-#include <ATen/ops/sort.h>
 #include <torch/library.h>
 
 namespace mythos {
@@ -75,23 +72,30 @@ inline void check_act_step(const at::Tensor& p, const at::Tensor& cum, const at:
   check_same(op, h, "h", cum, "cum");
 }
 
-// x: (N, D) rows; token_index: (M,) integer.
-inline void check_token_index(const char* op, const at::Tensor& rows, const char* rows_name,
-                              const at::Tensor& token_index) {
-  TORCH_CHECK(rows.dim() == 2, "mythos::", op, ": ", rows_name, " must be 2-D (rows, D), got ", rows.sizes());
-  TORCH_CHECK(token_index.dim() == 1, "mythos::", op, ": token_index must be 1-D, got ", token_index.sizes());
-  TORCH_CHECK(token_index.scalar_type() == at::kLong || token_index.scalar_type() == at::kInt,
-              "mythos::", op, ": token_index must be int64 or int32, got ", token_index.scalar_type());
-  TORCH_CHECK(token_index.device() == rows.device(), "mythos::", op, ": token_index is on ",
-              token_index.device(), " but ", rows_name, " is on ", rows.device());
-  check_floating(op, rows, rows_name);
+// MoE dispatch: `t` holds token rows (N, D) or expert-sorted rows (N*k, D); rows: (N, k) integer,
+// rows[t, j] = the expert-sorted row of token t's j-th expert (a permutation of [0, N*k)).
+inline void check_rows(const char* op, const at::Tensor& t, const char* t_name, const at::Tensor& rows) {
+  TORCH_CHECK(t.dim() == 2, "mythos::", op, ": ", t_name, " must be 2-D (rows, D), got ", t.sizes());
+  TORCH_CHECK(rows.dim() == 2, "mythos::", op, ": rows must be 2-D (tokens, top_k), got ", rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kLong || rows.scalar_type() == at::kInt,
+              "mythos::", op, ": rows must be int64 or int32, got ", rows.scalar_type());
+  TORCH_CHECK(rows.device() == t.device(), "mythos::", op, ": rows is on ", rows.device(), " but ", t_name,
+              " is on ", t.device());
+  check_floating(op, t, t_name);
 }
 
-inline void check_gate(const char* op, const at::Tensor& y, const at::Tensor& token_index,
-                       const at::Tensor& gate) {
-  TORCH_CHECK(gate.dim() == 1 && gate.size(0) == token_index.size(0), "mythos::", op,
-              ": gate must have shape (", token_index.size(0), ",) like token_index, got ", gate.sizes());
+// gate: (N, k) like rows, in y's dtype and device.
+inline void check_gate(const char* op, const at::Tensor& y, const at::Tensor& rows, const at::Tensor& gate) {
+  TORCH_CHECK(gate.sizes() == rows.sizes(), "mythos::", op, ": gate must have the shape of rows ", rows.sizes(),
+              ", got ", gate.sizes());
   check_same(op, y, "y", gate, "gate");
+}
+
+// y: (N*k, D) expert-sorted rows for the (N, k) rows.
+inline void check_sorted_rows(const char* op, const at::Tensor& y, const at::Tensor& rows) {
+  check_rows(op, y, "y", rows);
+  TORCH_CHECK(y.size(0) == rows.numel(), "mythos::", op, ": y has ", y.size(0), " rows but rows has ",
+              rows.size(0), " x ", rows.size(1), " = ", rows.numel(), " entries");
 }
 
 // gate, up: same shape, dtype and device.
@@ -141,22 +145,6 @@ inline int64_t cpu_row_grain(int64_t dim) { return std::max<int64_t>(1, 32768 / 
 // so a slice such as q[..., nope:] needs no copy.
 inline at::Tensor with_unit_last_stride(const at::Tensor& x) {
   return x.stride(-1) == 1 ? x : x.contiguous();
-}
-
-// Token-major view of an expert-sorted assignment list, built without a host sync:
-// `order` lists the positions i of token_index grouped by token (stable), and
-// row_start[t] .. row_start[t + 1] is the range of `order` that belongs to token t.
-// Un-permute then gathers per output row: no atomics, and a deterministic summation order.
-struct TokenRows {
-  at::Tensor order;      // (M,) int64
-  at::Tensor row_start;  // (num_tokens + 1,) int64
-};
-
-inline TokenRows token_rows(const at::Tensor& token_index, int64_t num_tokens) {
-  const at::Tensor index = token_index.to(at::kLong);
-  auto [sorted, order] = at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor boundaries = at::arange(num_tokens + 1, index.options());
-  return {order, at::searchsorted(sorted, boundaries)};
 }
 
 }  // namespace mythos

@@ -18,10 +18,12 @@ TORCH_LIBRARY(mythos, m) {
         " -> (Tensor w, Tensor new_cum, Tensor new_acc)");
   m.def("act_step_backward(Tensor grad_w, Tensor grad_cum, Tensor grad_acc, Tensor p, Tensor cum, Tensor h,"
         " float threshold, bool is_last) -> (Tensor grad_p, Tensor grad_cum_in, Tensor grad_h)");
-  // MoE dispatch: gather rows into expert order; scatter them back (gate-weighted when a gate is given).
-  m.def("moe_permute(Tensor x, Tensor token_index) -> Tensor");
-  m.def("moe_unpermute(Tensor y, Tensor token_index, Tensor? gate, SymInt num_tokens) -> Tensor");
-  m.def("moe_unpermute_backward(Tensor grad_out, Tensor y, Tensor token_index, Tensor gate)"
+  // MoE dispatch.  rows (N, k): the expert-sorted row of each token's j-th expert, a permutation of
+  // [0, N*k).  permute: out[rows[t, j]] = x[t]; unpermute: out[t] = sum_j gate[t, j] * y[rows[t, j]]
+  // (gate-less: weights 1), summed in order j = 0..k-1.
+  m.def("moe_permute(Tensor x, Tensor rows) -> Tensor");
+  m.def("moe_unpermute(Tensor y, Tensor rows, Tensor? gate) -> Tensor");
+  m.def("moe_unpermute_backward(Tensor grad_out, Tensor y, Tensor rows, Tensor gate)"
         " -> (Tensor grad_y, Tensor grad_gate)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");

@@ -167,9 +167,11 @@ class DataConfig(_Strict):
     seq_len: int = Field(256, ge=1)
     shuffle_seed: int = 1234
     num_workers: int = Field(0, ge=0)
-    # Before reading local shards, check them against their index: "size" (cheap) or "hash"
-    # (xxh64 of every shard; catches silent corruption).  Remote shards are hashed on download.
-    verify_shards: Literal["size", "hash"] = "hash"
+    # Before reading local shards, check them against their index and the manifest: "size" (a stat
+    # per shard), "hash" (also the xxh64 of every shard, on every start: a full read of the data)
+    # or "hash_once" (the xxh64 the first time, then again only for shards whose size or mtime
+    # changed).  Remote shards are hashed on download.
+    verify_shards: Literal["size", "hash", "hash_once"] = "size"
 
 
 # --------------------------------------------------------------------------- train
@@ -228,11 +230,17 @@ class TrainConfig(_Strict):
     exit_after_steps: int = Field(0, ge=0)
     # Peak FLOP/s of one device for MFU; 0 = a built-in table on GPU, a measured matmul on CPU.
     peak_tflops: float = Field(0.0, ge=0)
+    # When the run folder has checkpoints but none is usable (all damaged), start again from
+    # step 0 instead of refusing; what the folder held is moved to previous/<time>/.  Has no
+    # effect while a usable checkpoint exists (a requeued job keeping this set loses nothing).
+    restart: bool = False
 
 
 class ParallelConfig(_Strict):
     tp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1)
+    # A collective that waits longer fails (NCCL: with a flight-recorder dump) instead of hanging.
+    timeout_minutes: float = Field(20.0, gt=0)
 
 
 class Config(_Strict):

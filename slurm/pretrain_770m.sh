@@ -5,9 +5,19 @@
 #   sbatch --nodes=8 slurm/pretrain_770m.sh data.sources='[{path: /data/mine}]'
 #   CONFIG=configs/tiny_cpu.yaml sbatch --gpus-per-node=0 slurm/pretrain_770m.sh
 #
+# Run launch/gpu_smoke.sh on one GPU node first (10 steps, a save and a resume, tokens/s, MFU,
+# peak memory).
+#
 # Preemption and time limits: Slurm signals USR1 five minutes before the end (and TERM on
 # preemption); every rank finishes its step, saves a checkpoint and exits with status 75,
 # on which this script requeues the job; the requeued job resumes from that checkpoint.
+#
+# Placement: one task per GPU; every task sees all of its node's GPUs and uses GPU LOCAL_RANK
+# (= SLURM_LOCALID), as DeepSpeed binds it, so do not add --gpus-per-task or --gpu-bind.  srun is
+# given --cpus-per-task explicitly: since Slurm 22.05 it no longer inherits it from sbatch, and
+# without it every task's threads would share one CPU.  A collective that hangs fails after
+# parallel.timeout_minutes; NCCL's flight recorder (on by default, see mythos_scale/parallel/layout.py)
+# then dumps each rank's last collectives to nccl_traces/<job id>/rank_<rank>.
 #SBATCH --job-name=mythos-770m
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -24,8 +34,12 @@ CONFIG=${CONFIG:-configs/mythos_770m.yaml}
 EXIT_PREEMPTED=75
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SRUN_CPUS_PER_TASK}
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$PWD/nccl_traces/$SLURM_JOB_ID/rank_}
+mkdir -p "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"
+echo "srun: $SLURM_NTASKS tasks, $SRUN_CPUS_PER_TASK CPUs and $OMP_NUM_THREADS OpenMP threads each"
 
 # The batch shell gets the pre-timeout signal; hand it to every training task.
 preempted=0
@@ -37,7 +51,7 @@ forward_signal() {
 trap 'forward_signal USR1' USR1
 trap 'forward_signal TERM' TERM
 
-srun --kill-on-bad-exit=1 python -m mythos_scale.train --config "$CONFIG" "$@" &
+srun --kill-on-bad-exit=1 --cpus-per-task="$SRUN_CPUS_PER_TASK" python -m mythos_scale.train --config "$CONFIG" "$@" &
 SRUN_PID=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for srun itself.
 while true; do

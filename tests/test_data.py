@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -199,6 +200,48 @@ def test_existing_output_needs_overwrite(corpus, tmp_path):
     assert read_manifest(out).splits["val"].sequences == m.splits["val"].sequences > 0
 
 
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("user_folder", r"replaces only a dataset prepared by this tool.*it has no manifest\.json"),
+    ("dataset_plus_user_file", r"replaces only a dataset prepared by this tool.*mine\.txt is not"),
+    ("input_itself", r"is or contains the input"),
+    ("parent_of_input", r"is or contains the input"),
+    ("inside_input", r"is inside .*which holds inputs"),
+    ("file_input_next_to_out", r"is inside .*which holds inputs"),
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_that_is_not_our_dataset_is_never_replaced(corpus, tmp_path, case, message,
+                                                          overwrite):
+    """--overwrite replaces only a dataset this tool wrote; inputs are never an output."""
+    src = tmp_path / "corpus"
+    _write_corpus(src, _documents(30, seed=3))
+    inputs, out = [str(src)], tmp_path / "out"
+    if case == "user_folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("my own notes")
+    elif case == "dataset_plus_user_file":
+        prepare_dataset(inputs, corpus["tokenizer"], SEQ_LEN, out, val_fraction=0, progress=False)
+        (out / "train" / "mine.txt").write_text("do not delete")
+    elif case == "input_itself":
+        out = src
+    elif case == "parent_of_input":
+        out = tmp_path
+    elif case == "inside_input":
+        out = src / "shards"
+    elif case == "file_input_next_to_out":
+        inputs, out = [str(src / "a00.txt")], src / "shards"
+    before = _snapshot(tmp_path)
+    if not overwrite and case.startswith(("user_folder", "dataset")):
+        message = r"already exists and is not empty; pass --overwrite"
+    with pytest.raises(DataError, match=message):
+        prepare_dataset(inputs, corpus["tokenizer"], SEQ_LEN, out, val_fraction=0,
+                        overwrite=overwrite, progress=False)
+    assert _snapshot(tmp_path) == before  # nothing deleted, nothing added
+
+
 def test_cli(corpus, tmp_path, capsys):
     tok = tmp_path / "tok.json"
     assert data_main(["tokenizer", "--input", str(corpus["root"] / "corpus"), "--vocab-size",
@@ -208,8 +251,14 @@ def test_cli(corpus, tmp_path, capsys):
                       "--val-fraction", "0.1", "--workers", "2"]) == 0
     assert read_manifest(tmp_path / "ds").seq_len == 8
     assert data_main(["prepare", "--input", str(tmp_path / "void"), "--tokenizer", str(tok),
-                      "--seq-len", "8", "--out", str(tmp_path / "x")]) == 1
+                      "--seq-len", "8", "--out", str(tmp_path / "x")]) == 2
     assert "mythos data prepare: error: input not found" in capsys.readouterr().err
+    # bad input exits 2 like every other command, and --overwrite never deletes the input
+    corpus_dir = str(corpus["root"] / "corpus")
+    assert data_main(["prepare", "--input", corpus_dir, "--tokenizer", str(tok), "--seq-len", "8",
+                      "--out", corpus_dir, "--overwrite"]) == 2
+    assert "is or contains the input" in capsys.readouterr().err
+    assert len(find_input_files([corpus_dir])) == 12
 
 
 # --------------------------------------------------------------------------- dataset checks
@@ -261,6 +310,33 @@ def test_damaged_dataset_is_refused(corpus, tmp_path, damage, verify, message):
     with pytest.raises(DataError, match=message):
         build_train_loader(_cfg(ds, verify_shards=verify), micro_batch_size=2, dp_rank=0,
                            dp_world=1, vocab_size=320)
+
+
+def test_hash_once_hashes_until_a_shard_changes(corpus, tmp_path):
+    """hash_once: the first start hashes and records each shard's size and mtime; a restart
+    only stats (a shard rewritten in place with its old mtime is then trusted, as "size" trusts
+    it); a shard whose mtime moved is hashed again."""
+    ds = _copy(corpus["dataset"], tmp_path / "ds")
+    marker = ds / "train" / "verified_xxh64.json"
+
+    def open_train(verify: str):
+        return build_train_loader(_cfg(ds, verify_shards=verify), micro_batch_size=2, dp_rank=0,
+                                  dp_world=1, vocab_size=320)
+
+    open_train("hash_once")
+    assert marker.is_file()
+    shard = ds / "train" / "shard.00000.mds"
+    stamp = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    open_train("hash_once")  # recorded as verified, unchanged size and mtime: not read again
+    with pytest.raises(DataError, match="is corrupted"):
+        open_train("hash")
+    os.utime(shard)  # now it looks changed
+    with pytest.raises(DataError, match="is corrupted"):
+        open_train("hash_once")
 
 
 def test_blend_requires_one_tokenizer_and_no_val_split_is_reported(corpus, tmp_path):
@@ -496,24 +572,31 @@ def test_independent_processes_on_one_machine(corpus, tmp_path):
 # --------------------------------------------------------------------------- embedded corpus
 
 
-def test_embedded_corpus_is_built_once_and_loads(tmp_path):
+def test_embedded_corpus_is_built_once_and_loads(tmp_path_factory, capfd):
     import time
 
     from mythos_scale.data.embedded import ensure_embedded_dataset, stdlib_source_files
 
     files = stdlib_source_files()
     assert files and all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
-    path = ensure_embedded_dataset(tmp_path, seq_len=64, vocab_size=512)
+    cache = tmp_path_factory.getbasetemp() / "embedded-cache"  # shared with test_cli_user_paths
+    built_before = any(cache.glob("embedded/*-v512-L32/manifest.json"))
+    path = ensure_embedded_dataset(cache, seq_len=32, vocab_size=512)
+    if not built_before:  # the build says where it writes, and shows its progress
+        err = capfd.readouterr().err
+        assert f"building the embedded corpus ({len(files)} standard-library files" in err
+        assert str(path) in err and "train the tokenizer: 100%" in err and "tokenize:" in err
     m = read_manifest(path)
-    assert m.seq_len == 64 and m.vocab_size <= 512
+    assert m.seq_len == 32 and m.vocab_size <= 512
     assert m.splits["train"].sequences > 1000 and m.splits["val"].sequences > 0
     start = time.perf_counter()
-    assert ensure_embedded_dataset(tmp_path, seq_len=64, vocab_size=512) == path
+    assert ensure_embedded_dataset(cache, seq_len=32, vocab_size=512) == path
     assert time.perf_counter() - start < 1.0  # cached
-    cfg = DataConfig(cache_dir=str(tmp_path), seq_len=64)  # sources default to "embedded"
+    assert "building" not in capfd.readouterr().err
+    cfg = DataConfig(cache_dir=str(cache), seq_len=32)  # sources default to "embedded"
     x, y = next(build_train_loader(cfg, micro_batch_size=2, dp_rank=0, dp_world=1,
                                    vocab_size=512))
-    assert x.shape == (2, 64) and int(x.max()) < m.vocab_size
+    assert x.shape == (2, 32) and int(x.max()) < m.vocab_size
     # the tokens decode back to standard-library source text
     segments = np.split(x[0].numpy(), np.flatnonzero(x[0].numpy() == m.eos_id))
     longest = max(segments, key=len).tolist()

@@ -8,6 +8,7 @@ sm_90 (nothing runs them without a GPU); the GPU parity tests run only where a G
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses import FakeTensorMode
 
 from mythos_scale import kernels
 from mythos_scale.kernels import build, reference
@@ -79,12 +81,12 @@ def _act_inputs(lead, dim, dtype=torch.float32, seed=0):
 
 
 def _routing(num_tokens, top_k, num_experts, seed=0):
-    """token_index of a top-k routing sorted by expert (some tokens may get no expert), and gates."""
+    """rows (N, k) of a top-k routing sorted by expert (the MoE's dispatch plan), and gates (N, k)."""
     g = torch.Generator().manual_seed(seed)
     experts = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])
     order = torch.argsort(experts.flatten(), stable=True)
-    token_index = order // top_k
-    return token_index, torch.rand(token_index.shape[0], generator=g)
+    rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel())).view(num_tokens, top_k)
+    return rows, torch.rand(num_tokens, top_k, generator=g)
 
 
 # ---------------------------------------------------------------- parity with the references (CPU)
@@ -173,31 +175,33 @@ def test_act_step_backward_with_unused_outputs(fused):
 
 @pytest.mark.parametrize("num_tokens,top_k,num_experts,dim", [(1, 1, 1, 1), (7, 2, 5, 3), (33, 4, 16, 65)])
 def test_moe_permute_unpermute_match_reference(fused, num_tokens, top_k, num_experts, dim):
-    token_index, gate = _routing(num_tokens, top_k, num_experts)
+    rows, gate = _routing(num_tokens, top_k, num_experts)
     x = torch.randn(num_tokens, dim)
-    _assert_parity(lambda x: fused.moe_permute(x, token_index), lambda x: reference.moe_permute(x, token_index), [x])
-    y = torch.randn(token_index.shape[0], dim)
-    _assert_parity(lambda y, g: fused.moe_unpermute(y, token_index, g, num_tokens),
-                   lambda y, g: reference.moe_unpermute(y, token_index, g, num_tokens), [y, gate])
+    _assert_parity(lambda x: fused.moe_permute(x, rows), lambda x: reference.moe_permute(x, rows), [x])
+    y = torch.randn(rows.numel(), dim)
+    _assert_parity(lambda y, g: fused.moe_unpermute(y, rows, g), lambda y, g: reference.moe_unpermute(y, rows, g),
+                   [y, gate])
+    _assert_parity(lambda y: fused.moe_unpermute(y, rows, None), lambda y: reference.moe_unpermute(y, rows, None), [y])
 
 
-def test_moe_unpermute_tokens_without_experts_and_int32_index(fused):
-    token_index = torch.tensor([4, 0, 4, 2], dtype=torch.int32)  # tokens 1 and 3 get nothing
-    y, gate = torch.randn(4, 6), torch.rand(4)
-    out = fused.moe_unpermute(y, token_index, gate, 5)
-    torch.testing.assert_close(out, reference.moe_unpermute(y, token_index, gate, 5))
-    assert out[1].abs().sum() == 0 and out[3].abs().sum() == 0
+def test_moe_permute_then_unpermute_is_a_weighted_copy(fused):
+    """Every token comes back as the gate-weighted sum of its own k copies; int32 rows work too."""
+    rows, gate = _routing(9, 3, 5, seed=2)
+    x = torch.randn(9, 4)
+    for impl in (fused, reference):
+        out = impl.moe_unpermute(impl.moe_permute(x, rows.int()), rows.int(), gate)
+        torch.testing.assert_close(out, x * gate.sum(-1, keepdim=True))
 
 
 def test_moe_gradcheck(fused):
-    token_index, gate = _routing(6, 2, 4, seed=3)
+    rows, gate = _routing(6, 2, 4, seed=3)
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(token_index.shape[0], 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(rows.numel(), 5, dtype=torch.float64, requires_grad=True)
     gate = gate.double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: fused.moe_permute(x, token_index), [x])
-    assert torch.autograd.gradcheck(lambda y, g: fused.moe_unpermute(y, token_index, g, 6), [y, gate])
+    assert torch.autograd.gradcheck(lambda x: fused.moe_permute(x, rows), [x])
+    assert torch.autograd.gradcheck(lambda y, g: fused.moe_unpermute(y, rows, g), [y, gate])
     # permute's backward is the gate-less un-permute, whose backward is the permute again
-    assert torch.autograd.gradgradcheck(lambda x: fused.moe_permute(x, token_index), [x])
+    assert torch.autograd.gradgradcheck(lambda x: fused.moe_permute(x, rows), [x])
 
 
 @pytest.mark.parametrize("shape", [(1,), (3, 7), (2, 5, 131)])
@@ -238,13 +242,13 @@ def test_apply_rope_on_a_slice_and_with_table_grads(fused):
 
 def test_opcheck_all_operators(fused):
     """Schema, autograd registration, fake tensors and AOT dispatch (static and dynamic shapes)."""
-    token_index, gate = _routing(5, 2, 4)
+    rows, gate = _routing(5, 2, 4)
     x = torch.randn(2, 3, 2, 6, requires_grad=True)
     cases = {
         "inject_rmsnorm": (*[t.requires_grad_() for t in _inject_inputs((3, 5))], 1e-6),
         "act_step": (*[t.requires_grad_() for t in _act_inputs((4,), 3)], 0.99, False),
-        "moe_permute": (torch.randn(5, 3, requires_grad=True), token_index),
-        "moe_unpermute": (torch.randn(10, 3, requires_grad=True), token_index, gate.requires_grad_(), 5),
+        "moe_permute": (torch.randn(5, 3, requires_grad=True), rows),
+        "moe_unpermute": (torch.randn(10, 3, requires_grad=True), rows, gate.requires_grad_()),
         "swiglu": (torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)),
         "apply_rope": (x, torch.rand(3, 3), torch.rand(3, 3)),
     }
@@ -272,10 +276,14 @@ def test_bad_inputs_name_the_argument(fused):
     h, e, a, loop, w = _inject_inputs((2, 8))
     with pytest.raises(RuntimeError, match=r"inject_rmsnorm: a_bar must have shape \(8,\)"):
         fused.inject_rmsnorm(h, e, a[:4], loop, w, 1e-6)
-    with pytest.raises(RuntimeError, match="moe_permute: token_index\\[1\\] = 9 is out of range"):
-        fused.moe_permute(torch.randn(3, 2), torch.tensor([0, 9]))
-    with pytest.raises(RuntimeError, match="moe_unpermute: token_index has entries outside"):
-        fused.moe_unpermute(torch.randn(2, 2), torch.tensor([0, 3]), torch.rand(2), 3)
+    with pytest.raises(RuntimeError, match=r"moe_permute: rows\[1, 0\] = 9 is outside \[0, 4\)"):
+        fused.moe_permute(torch.randn(2, 2), torch.tensor([[0, 1], [9, 2]]))
+    with pytest.raises(RuntimeError, match="moe_permute: rows is not a permutation: row 1 appears twice"):
+        fused.moe_permute(torch.randn(2, 2), torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(RuntimeError, match=r"moe_unpermute: rows\[0, 1\] = 7 is outside \[0, 4\)"):
+        fused.moe_unpermute(torch.randn(4, 2), torch.tensor([[0, 7], [1, 2]]), None)
+    with pytest.raises(RuntimeError, match=r"moe_unpermute: y has 3 rows but rows has 2 x 2 = 4 entries"):
+        fused.moe_unpermute(torch.randn(3, 2), torch.tensor([[0, 3], [1, 2]]), None)
     with pytest.raises(RuntimeError, match="apply_rope: cos must have shape"):
         fused.apply_rope(torch.randn(1, 4, 2, 6), torch.rand(4, 2), torch.rand(4, 3))
     with pytest.raises(RuntimeError, match="act_step: p must have shape"):
@@ -316,19 +324,39 @@ def test_model_with_fused_ops_equals_reference(fused, monkeypatch, act):
 
 # ---------------------------------------------------------------- selection
 
-def test_select_kernels_modes(fused, monkeypatch, caplog):
-    monkeypatch.setattr(kernels, "_selected", None)
+def test_select_kernels_modes(fused, caplog):
     with caplog.at_level(logging.INFO, logger="mythos_scale.kernels"):
-        assert kernels.select_kernels("fused") is fused
-        assert kernels.ops() is fused
-        assert kernels.select_kernels("auto") is fused
-        assert kernels.select_kernels("reference") is reference
-        assert kernels.ops() is reference
-    assert "using the fused mythos:: operators (mode=fused)" in caplog.text
-    assert "using the PyTorch reference ops (mode=reference)" in caplog.text
+        chosen = kernels.select_kernels("fused")
+        assert kernels.ops() is chosen and chosen.implementation("cpu") is fused
+        assert kernels.select_kernels("auto").implementation("cpu") is fused
+        assert kernels.select_kernels("reference").implementation("cpu") is reference
+        x = torch.randn(3, 4)
+        assert torch.equal(kernels.ops().swiglu(x, x), reference.swiglu(x, x))
+    assert "fused mythos:: operators on cpu (mode=fused)" in caplog.text
+    assert "PyTorch reference ops on cpu (mode=reference)" in caplog.text
     with pytest.raises(ValueError, match="model.kernels: unknown mode 'fast'"):
         kernels.select_kernels("fast")
     assert all(callable(getattr(fused, name)) for name in OPS)
+    kernels.select_kernels("auto")
+
+
+def test_cpu_only_build_is_never_chosen_for_cuda_tensors(fused, caplog):
+    """This extension was built without CUDA: the dispatcher has no CUDA kernel for its ops, so
+    CUDA tensors (fake ones here) get the reference ops under auto, and a clear error under fused."""
+    assert kernels.fused_devices() == ("cpu",)
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("mythos::moe_permute", "CUDA")
+    with caplog.at_level(logging.INFO, logger="mythos_scale.kernels"):
+        auto = kernels.select_kernels("auto")
+        assert auto.implementation("cuda") is reference and auto.implementation("cpu") is fused
+        with FakeTensorMode():
+            gate, up = torch.randn(2, 8, device="cuda"), torch.randn(2, 8, device="cuda")
+            assert kernels.ops().swiglu(gate, up).device.type == "cuda"
+    assert "reference ops on cuda (mode=auto: the mythos kernel extension has no cuda kernels " \
+           "(built for: cpu); rebuild it with MYTHOS_BUILD_EXT=cuda)" in caplog.text
+    strict = kernels.select_kernels("fused")
+    with pytest.raises(RuntimeError, match="model.kernels=fused but the mythos kernel extension has no cuda"):
+        strict.implementation("cuda")
+    kernels.select_kernels("auto")
 
 
 def test_select_kernels_without_the_extension():
@@ -337,15 +365,28 @@ def test_select_kernels_without_the_extension():
         "import sys, logging; sys.modules['mythos_scale._C'] = None\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
         "from mythos_scale import kernels\n"
-        "assert kernels.select_kernels('auto') is kernels.reference\n"
+        "assert kernels.select_kernels('auto').implementation('cpu') is kernels.reference\n"
         "try:\n    kernels.select_kernels('fused')\nexcept RuntimeError as err:\n    print('ERR', err)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
-    assert "using the PyTorch reference ops (mode=auto; fused unavailable" in result.stderr
+    assert "the fused extension is unavailable" in result.stderr
+    assert "PyTorch reference ops on cpu (mode=auto)" in result.stderr
     assert "ERR model.kernels=fused but the mythos kernel extension is not built" in result.stdout
     assert "MYTHOS_BUILD_EXT=cpu pip install --no-build-isolation -e ." in result.stdout
+
+
+def test_build_ext_cuda_fails_the_install_when_it_cannot_build_cuda(tmp_path):
+    """MYTHOS_BUILD_EXT=cuda with no usable nvcc: pip exits non-zero and says why, instead of
+    quietly installing CPU-only kernels (which auto would then use for CUDA tensors too)."""
+    env = dict(os.environ, MYTHOS_BUILD_EXT="cuda", CUDA_HOME=str(tmp_path / "no-cuda-here"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                             "--disable-pip-version-check", "-q", "-w", str(tmp_path / "wheels"),
+                             str(build.CSRC.parent)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "MYTHOS_BUILD_EXT=cuda cannot build the CUDA kernels: no nvcc found" in result.stdout + result.stderr
+    assert not (tmp_path / "wheels").exists() or not any((tmp_path / "wheels").iterdir())
 
 
 # ---------------------------------------------------------------- CUDA sources: a real compile with nvcc
@@ -397,12 +438,11 @@ def test_cuda_kernels_match_reference(dtype):
     for is_last in (False, True):
         _assert_parity(lambda *t: fused.act_step(*t, 0.99, is_last), lambda *t: reference.act_step(*t, 0.99, is_last),
                        on_gpu(_act_inputs((3, 41), 257)), **tol)
-    token_index, gate = _routing(300, 4, 32)
-    token_index = token_index.to(dev)
-    _assert_parity(lambda x: fused.moe_permute(x, token_index), lambda x: reference.moe_permute(x, token_index),
+    rows, gate = _routing(300, 4, 32)
+    rows = rows.to(dev)
+    _assert_parity(lambda x: fused.moe_permute(x, rows), lambda x: reference.moe_permute(x, rows),
                    on_gpu([torch.randn(300, 129)]), **tol)
-    _assert_parity(lambda y, g: fused.moe_unpermute(y, token_index, g, 300),
-                   lambda y, g: reference.moe_unpermute(y, token_index, g, 300),
+    _assert_parity(lambda y, g: fused.moe_unpermute(y, rows, g), lambda y, g: reference.moe_unpermute(y, rows, g),
                    on_gpu([torch.randn(1200, 129), gate]), **tol)
     _assert_parity(fused.swiglu, reference.swiglu, on_gpu([torch.randn(5, 1001), torch.randn(5, 1001)]), **tol)
     angles = torch.rand(17, 32, device=dev) * 6

@@ -67,6 +67,7 @@ def test_sbatch_trains_and_requeues_after_preemption_signal(tmp_path, tiny_datas
               "the requeued job to run and end")
         text = log.read_text()
         assert _job_field(job, "JobState") == "COMPLETED", text[-3000:]
+        assert "srun: 2 tasks, 1 CPUs and 1 OpenMP threads each" in text  # from the allocation, passed to srun
         assert "got USR1" in text and "stop requested (SIGUSR1)" in text and "requeueing job" in text
         assert "resumed from step_0000000" in text
         assert "done: 400 steps" in text

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
+from pathlib import Path
 
 from mythos_scale.config import DataConfig, ModelConfig
 from mythos_scale.data.manifest import DataError
@@ -35,8 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
 
     data, model = DataConfig(), ModelConfig()
-    emb = sub.add_parser("embedded", help="build (or find) the embedded stdlib corpus")
-    emb.add_argument("--out", default=data.cache_dir,
+    emb = sub.add_parser("embedded", help="build (or find) the embedded stdlib corpus",
+                         description="Build the embedded corpus (this Python's standard library "
+                         "sources) into the cache that `data.sources: [{path: embedded}]` reads, "
+                         "and with --out, copy it to a dataset folder of its own.")
+    emb.add_argument("--out", help="dataset folder to write (use it as data.sources='[{path: OUT}]')")
+    emb.add_argument("--overwrite", action="store_true",
+                     help="replace --out if it is a dataset prepared by this tool")
+    emb.add_argument("--cache-dir", default=data.cache_dir,
                      help="cache folder, as data.cache_dir (default %(default)s)")
     emb.add_argument("--seq-len", type=int, default=data.seq_len, help="as data.seq_len")
     emb.add_argument("--vocab-size", type=int, default=model.vocab_size,
@@ -73,17 +82,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.out}/{split}: {s.sequences} sequences of {m.seq_len}+1 tokens from "
                       f"{s.documents} documents ({s.tokens} tokens)")
         else:
-            from mythos_scale.data.embedded import ensure_embedded_dataset
+            from mythos_scale.data.embedded import copy_dataset, ensure_embedded_dataset
             from mythos_scale.data.manifest import read_manifest
 
-            path = ensure_embedded_dataset(args.out, args.seq_len, args.vocab_size,
-                                           workers=args.workers, progress=True)
+            path = ensure_embedded_dataset(args.cache_dir, args.seq_len, args.vocab_size,
+                                           workers=args.workers)
+            if args.out:
+                path = copy_dataset(path, Path(args.out).expanduser(), args.overwrite)
             m = read_manifest(path)
             print(f"{path}: " + ", ".join(f"{k} {s.sequences} sequences ({s.tokens} tokens)"
                                           for k, s in m.splits.items()))
+            source = args.out or "embedded"
+            override = shlex.quote(f"data.sources=[{{path: {json.dumps(source)}}}]")
+            print(f"train on it with: {override} data.seq_len={m.seq_len} "
+                  f"(model.vocab_size >= {m.vocab_size})")
     except DataError as exc:
         print(f"mythos data {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

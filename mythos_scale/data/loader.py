@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import random
 import socket
@@ -51,6 +52,8 @@ from mythos_scale.data.manifest import (MANIFEST_NAME, TOKENIZER_NAME, DataError
                                         check_compatible)
 from mythos_scale.data.prepare import is_url
 from mythos_scale.data.tokenizer import file_sha256
+
+log = logging.getLogger(__name__)
 
 BLEND_BLOCK = 4096
 EMBEDDED = "embedded"
@@ -122,9 +125,14 @@ def _open_sources(cfg: DataConfig, vocab_size: int) -> list[_Source]:
     return sources
 
 
+VERIFIED_NAME = "verified_xxh64.json"  # hash_once: the size and mtime of each shard when it was hashed
+
+
 def _verify_split(source: _Source, split: str, seq_len: int, mode: str) -> None:
-    """Check a local split's shards against its index.json: present, right size, and (mode
-    "hash") the xxh64 recorded when they were written."""
+    """Check a local split's shards against its index.json: present, right size, sample counts
+    as in the manifest (every mode: a stat per shard), and the xxh64 recorded when they were
+    written: on every start (``hash``), or once (``hash_once``: until a shard's size or mtime
+    changes, as recorded next to the shards in ``verified_xxh64.json``)."""
     folder = source.root / split
     index_file = folder / "index.json"
     try:
@@ -134,6 +142,7 @@ def _verify_split(source: _Source, split: str, seq_len: int, mode: str) -> None:
         raise DataError(f"{index_file}: cannot read the shard index ({exc})") from None
     expected = f"ndarray:{source.manifest.dtype}:{seq_len + 1}"
     samples = 0
+    files = {"index.json": _file_stamp(index_file)}
     for shard in shards:
         if shard.get("column_encodings") != [expected]:
             raise DataError(f"{index_file}: shards hold {shard.get('column_encodings')}, "
@@ -145,13 +154,39 @@ def _verify_split(source: _Source, split: str, seq_len: int, mode: str) -> None:
         if path.stat().st_size != raw["bytes"]:
             raise DataError(f"shard {path} has {path.stat().st_size} bytes, its index says "
                             f"{raw['bytes']}: truncated or replaced")
-        if mode == "hash" and get_hash("xxh64", path.read_bytes()) != raw["hashes"]["xxh64"]:
-            raise DataError(f"shard {path} is corrupted: its xxh64 hash differs from {index_file}")
+        files[raw["basename"]] = _file_stamp(path)
         samples += shard["samples"]
     if samples != source.manifest.splits[split].sequences:
         raise DataError(f"{index_file} lists {samples} sequences, the manifest "
                         f"{source.root / MANIFEST_NAME} says "
                         f"{source.manifest.splits[split].sequences}")
+    marker = folder / VERIFIED_NAME
+    if mode == "size" or mode == "hash_once" and _read_json(marker) == files:
+        return
+    for shard in shards:
+        path = folder / shard["raw_data"]["basename"]
+        if get_hash("xxh64", path.read_bytes()) != shard["raw_data"]["hashes"]["xxh64"]:
+            raise DataError(f"shard {path} is corrupted: its xxh64 hash differs from {index_file}")
+    if mode == "hash_once":
+        try:  # atomic: ranks verifying the same split at once each write the same record
+            tmp = marker.with_name(f".{VERIFIED_NAME}.{os.getpid()}")
+            tmp.write_text(json.dumps(files))
+            os.replace(tmp, marker)
+        except OSError as exc:
+            log.warning("cannot record that %s was verified (%s): it will be hashed again on the next start",
+                        folder, exc)
+
+
+def _file_stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- streaming

@@ -9,7 +9,9 @@ Documents go to the validation split by an exact, evenly spread rule: document `
 order) is validation when ``floor((i+1) f) > floor(i f)``.
 
 Everything is written into a staging folder next to ``--out`` and renamed into place after the
-manifest, so an interrupted run never leaves a folder that looks complete.  For an object-store
+manifest, so an interrupted run never leaves a folder that looks complete.  ``--overwrite``
+replaces only a dataset this tool wrote (see :func:`check_output_folder`); an ``--out`` that is,
+holds or lies inside an input is refused with or without it.  For an object-store
 ``--out`` (``s3://...`` etc.) streaming uploads each shard as it is written and the manifest is
 uploaded last; readers ignore a dataset without a manifest.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -31,13 +34,14 @@ from tqdm import tqdm
 
 from mythos_scale.data.documents import ReadStats, find_input_files, read_documents
 from mythos_scale.data.manifest import (MANIFEST_NAME, TOKENIZER_NAME, DataError, Manifest,
-                                        SplitStats)
+                                        SplitStats, read_manifest)
 from mythos_scale.data.tokenizer import (encode_documents, encode_with, init_encode_worker,
                                          load_tokenizer)
 
 SHARD_HASHES = ["xxh64"]  # stored in each split's index.json, checked by the loader
 DOCS_PER_TASK = 256
 CHARS_PER_TASK = 1 << 18
+_SHARD_NAME = re.compile(r"shard\.\d+\.mds(\.\w+)?")  # streaming's shard files (maybe compressed)
 
 
 def is_url(path: str) -> bool:
@@ -116,12 +120,10 @@ def prepare_dataset(inputs: list[str], tokenizer: str | Path, seq_len: int, out:
     out = str(out)
     remote = out.rstrip("/") if is_url(out) else None
     final = None if remote else Path(out).expanduser()
-    if final is not None and final.is_file():
-        raise DataError(f"output {final} is a file, not a folder")
-    if final is not None and final.exists() and any(final.iterdir()) and not overwrite:
-        raise DataError(f"output {final} already exists and is not empty; pass --overwrite "
-                        f"to replace it")
     if final is not None:
+        # the folders holding the input files stand for the files (far fewer paths to resolve)
+        given = [Path(i).expanduser() for i in inputs if not set("*?[") & set(i)]
+        check_output_folder(final, given + sorted({f.parent for f in files}), overwrite)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,7 +182,7 @@ def prepare_dataset(inputs: list[str], tokenizer: str | Path, seq_len: int, out:
             uploader.upload_file(MANIFEST_NAME)  # last: its presence marks the dataset complete
             shutil.rmtree(staging, ignore_errors=True)
         else:
-            _move_into_place(staging, final)
+            move_into_place(staging, final)
         return manifest
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -203,7 +205,59 @@ def _check_outcome(stats: dict[str, SplitStats], read_stats: ReadStats, seq_len:
                             f"--seq-len{hint}")
 
 
-def _move_into_place(staging: Path, final: Path) -> None:
+def _foreign_entry(folder: Path) -> str | None:
+    """Why ``folder`` is not a dataset written by :func:`prepare_dataset` (None if it is one):
+    it must hold a valid manifest, and nothing but the manifest, the tokenizer copy and the
+    manifest's split folders of MDS shards."""
+    if not (folder / MANIFEST_NAME).is_file():
+        return f"it has no {MANIFEST_NAME}"
+    try:
+        manifest = read_manifest(folder)
+    except DataError as exc:
+        return str(exc)
+    expected = {MANIFEST_NAME, TOKENIZER_NAME, *manifest.splits}
+    for entry in sorted(folder.iterdir()):
+        if entry.name not in expected:
+            return f"{entry} is not part of a prepared dataset"
+        if entry.name in manifest.splits:
+            if not entry.is_dir() or entry.is_symlink():
+                return f"{entry} is not a folder of shards"
+            for item in sorted(entry.iterdir()):
+                if not (item.is_file() and (item.name == "index.json"
+                                            or _SHARD_NAME.fullmatch(item.name))):
+                    return f"{item} is not an MDS shard or index"
+    return None
+
+
+def check_output_folder(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an ``--out`` that would lose or mix data: one that is an input, holds an input or
+    lies inside an input folder (always), or exists and is not empty, unless ``overwrite`` is
+    set and it is a dataset this tool wrote (nothing else is ever replaced)."""
+    if out.is_file():
+        raise DataError(f"output {out} is a file, not a folder")
+    target = out.resolve()
+    for item in inputs:
+        source = item.resolve()
+        if source == target or target in source.parents:
+            raise DataError(f"--out {out} is or contains the input {item}: writing there would "
+                            f"replace or mix with the inputs; choose an --out outside them")
+        if source.is_dir() and source in target.parents:
+            raise DataError(f"--out {out} is inside {item}, which holds inputs: the dataset "
+                            f"would be read as input next time; choose an --out outside them")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"output {out} already exists and is not empty; pass --overwrite to "
+                        f"replace it (only a dataset prepared by this tool is ever replaced)")
+    reason = _foreign_entry(out)
+    if reason is not None:
+        raise DataError(f"--overwrite replaces only a dataset prepared by this tool, and {out} "
+                        f"is not one ({reason}); nothing was changed: remove it yourself or "
+                        f"choose another --out")
+
+
+def move_into_place(staging: Path, final: Path) -> None:
+    """Rename a finished ``staging`` folder to ``final``, replacing what was there (checked)."""
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"

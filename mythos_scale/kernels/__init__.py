@@ -1,46 +1,101 @@
-"""The fused ops the model calls, and the choice of implementation.
+"""The fused ops the model calls, and the choice of implementation per device.
 
 The model calls ``ops().<name>(...)``.  Each name has a pure-PyTorch reference
-(:mod:`mythos_scale.kernels.reference`); when the compiled extension is available the
-fused implementation (:mod:`mythos_scale.kernels.fused`, the ``mythos::`` custom operators)
-is used instead.  The choice is made once per process by :func:`select_kernels` and logged.
+(:mod:`mythos_scale.kernels.reference`); the compiled extension adds fused implementations
+(:mod:`mythos_scale.kernels.fused`, the ``mythos::`` custom operators) for the devices it was
+built for (a CPU-only build has no CUDA kernels).  :func:`select_kernels` sets the mode once per
+process; each op call then runs the fused operator when the extension has a kernel for the
+device of the op's first tensor argument, else the reference.  The choice for each device is
+made, and logged, on its first call.
 """
 
 from __future__ import annotations
 
 import logging
 from types import ModuleType
+from typing import Callable
+
+import torch
 
 from mythos_scale.kernels import reference
 
 log = logging.getLogger(__name__)
 
-_selected: ModuleType | None = None
+MODES = ("auto", "fused", "reference")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # devices the extension can have kernels for
 
 
-def select_kernels(mode: str = "auto") -> ModuleType:
-    """Choose the op implementation: ``reference``, ``fused`` (error if not built) or ``auto``
-    (fused when the extension imports, else reference)."""
+def fused_devices() -> tuple[str, ...]:
+    """Device types the loaded extension has kernels for (empty when it is not loaded)."""
+    return tuple(device for device, key in _DISPATCH_KEYS.items()
+                 if torch._C._dispatch_has_kernel_for_dispatch_key("mythos::swiglu", key))
+
+
+class KernelDispatch:
+    """What :func:`ops` returns: per op call, the fused operator where the extension was built
+    for the tensors' device, else the reference (``mode=reference``: always the reference;
+    ``mode=fused``: an error on a device without fused kernels)."""
+
+    def __init__(self, mode: str, fused: ModuleType | None) -> None:
+        self.mode, self.fused = mode, fused
+        self._by_device: dict[str, ModuleType] = {}
+
+    def implementation(self, device_type: str) -> ModuleType:
+        """The module (fused or reference) that runs ops on ``device_type``."""
+        impl = self._by_device.get(device_type)
+        if impl is None:
+            impl = self._by_device[device_type] = self._choose(device_type)
+        return impl
+
+    def _choose(self, device_type: str) -> ModuleType:
+        if self.mode == "reference" or self.fused is None:
+            log.info("kernels: PyTorch reference ops on %s (mode=%s)", device_type, self.mode)
+            return reference
+        built = fused_devices()
+        if device_type in built:
+            log.info("kernels: fused mythos:: operators on %s (mode=%s)", device_type, self.mode)
+            return self.fused
+        why = (f"the mythos kernel extension has no {device_type} kernels (built for: "
+               f"{', '.join(built) or 'nothing'})"
+               + ("; rebuild it with MYTHOS_BUILD_EXT=cuda" if device_type == "cuda" else ""))
+        if self.mode == "fused":
+            raise RuntimeError(f"model.kernels=fused but {why}")
+        log.info("kernels: PyTorch reference ops on %s (mode=auto: %s)", device_type, why)
+        return reference
+
+    def __getattr__(self, name: str) -> Callable:
+        ref = getattr(reference, name)  # AttributeError for names that are not ops
+
+        def op(first: torch.Tensor, *args, **kwargs):
+            impl = self.implementation(first.device.type)
+            return getattr(impl, name, ref)(first, *args, **kwargs)
+
+        op.__name__, op.__doc__ = name, ref.__doc__
+        self.__dict__[name] = op  # later lookups skip __getattr__
+        return op
+
+
+_selected: KernelDispatch | None = None
+
+
+def select_kernels(mode: str = "auto") -> KernelDispatch:
+    """Set the op implementation mode: ``reference``, ``fused`` (error if the extension is not
+    built, or has no kernels for a device the model runs on) or ``auto`` (fused where built)."""
     global _selected
-    if mode not in ("auto", "fused", "reference"):
-        raise ValueError(f"model.kernels: unknown mode {mode!r} (auto|fused|reference)")
-    if mode == "reference":
-        _selected = reference
-        log.info("kernels: using the PyTorch reference ops (mode=reference)")
-        return _selected
-    try:
-        from mythos_scale.kernels import fused
-    except ImportError as err:
-        if mode == "fused":
-            raise RuntimeError(f"model.kernels=fused but {err}") from err
-        _selected = reference
-        log.info("kernels: using the PyTorch reference ops (mode=auto; fused unavailable: %s)", err)
-        return _selected
-    _selected = fused
-    log.info("kernels: using the fused mythos:: operators (mode=%s)", mode)
+    if mode not in MODES:
+        raise ValueError(f"model.kernels: unknown mode {mode!r} ({'|'.join(MODES)})")
+    fused = None
+    if mode != "reference":
+        try:
+            from mythos_scale.kernels import fused
+        except ImportError as err:
+            if mode == "fused":
+                raise RuntimeError(f"model.kernels=fused but {err}") from err
+            log.info("kernels: the fused extension is unavailable (%s); PyTorch reference ops", err)
+    _selected = KernelDispatch(mode, fused)
     return _selected
 
 
-def ops() -> ModuleType:
-    """The selected op implementation (``auto`` on first use)."""
+def ops() -> KernelDispatch:
+    """The selected op dispatch (``auto`` on first use)."""
     return _selected if _selected is not None else select_kernels("auto")

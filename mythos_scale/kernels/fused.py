@@ -57,15 +57,14 @@ def act_step(p: torch.Tensor, cum: torch.Tensor, acc: torch.Tensor, h: torch.Ten
     return tuple(_ops.act_step(p.to(dtype), cum.to(dtype), acc.to(dtype), h.to(dtype), threshold, is_last))
 
 
-def moe_permute(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """``x[token_index]``: token rows in expert-sorted order."""
-    return _ops.moe_permute(x, token_index)
+def moe_permute(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[rows[t, j]] = x[t]``: each token copied to its k expert-sorted rows."""
+    return _ops.moe_permute(x, rows)
 
 
-def moe_unpermute(y: torch.Tensor, token_index: torch.Tensor, gate: torch.Tensor,
-                  num_tokens: int) -> torch.Tensor:
-    """``out[token_index[i]] += gate[i] * y[i]``, as a per-token gather (deterministic)."""
-    return _ops.moe_unpermute(y, token_index, gate.to(y.dtype), num_tokens)
+def moe_unpermute(y: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``out[t] = sum_j gate[t, j] * y[rows[t, j]]``, summed in a fixed order (deterministic)."""
+    return _ops.moe_unpermute(y, rows, None if gate is None else gate.to(y.dtype))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -104,27 +103,26 @@ def _act_step_backward(ctx, grad_w, grad_cum, grad_acc):
 
 
 def _moe_permute_setup(ctx, inputs, output) -> None:
-    x, token_index = inputs
-    ctx.num_tokens = x.shape[0]
-    ctx.save_for_backward(token_index)
+    _x, rows = inputs
+    ctx.save_for_backward(rows)
 
 
 def _moe_permute_backward(ctx, grad_out):
-    (token_index,) = ctx.saved_tensors
-    return _ops.moe_unpermute(grad_out, token_index, None, ctx.num_tokens), None
+    (rows,) = ctx.saved_tensors
+    return _ops.moe_unpermute(grad_out, rows, None), None
 
 
 def _moe_unpermute_setup(ctx, inputs, output) -> None:
-    y, token_index, gate, _num_tokens = inputs
-    ctx.save_for_backward(y if gate is not None else None, token_index, gate)
+    y, rows, gate = inputs
+    ctx.save_for_backward(y if gate is not None else None, rows, gate)
 
 
 def _moe_unpermute_backward(ctx, grad_out):
-    y, token_index, gate = ctx.saved_tensors
+    y, rows, gate = ctx.saved_tensors
     if gate is None:  # the gate-less form (permute's backward): its backward is the permute
-        return _ops.moe_permute(grad_out, token_index), None, None, None
-    grad_y, grad_gate = _ops.moe_unpermute_backward(grad_out, y, token_index, gate)
-    return grad_y, None, grad_gate, None
+        return _ops.moe_permute(grad_out, rows), None, None
+    grad_y, grad_gate = _ops.moe_unpermute_backward(grad_out, y, rows, gate)
+    return grad_y, None, grad_gate
 
 
 def _swiglu_setup(ctx, inputs, output) -> None:
@@ -186,17 +184,17 @@ def _act_step_backward_fake(grad_w, grad_cum, grad_acc, p, cum, h, threshold, is
 
 
 @torch.library.register_fake("mythos::moe_permute")
-def _moe_permute_fake(x, token_index):
-    return x.new_empty(token_index.shape[0], x.shape[1])
+def _moe_permute_fake(x, rows):
+    return x.new_empty(rows.shape[0] * rows.shape[1], x.shape[1])
 
 
 @torch.library.register_fake("mythos::moe_unpermute")
-def _moe_unpermute_fake(y, token_index, gate, num_tokens):
-    return y.new_empty(num_tokens, y.shape[1])
+def _moe_unpermute_fake(y, rows, gate):
+    return y.new_empty(rows.shape[0], y.shape[1])
 
 
 @torch.library.register_fake("mythos::moe_unpermute_backward")
-def _moe_unpermute_backward_fake(grad_out, y, token_index, gate):
+def _moe_unpermute_backward_fake(grad_out, y, rows, gate):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 

@@ -38,19 +38,30 @@ def act_step(p: torch.Tensor, cum: torch.Tensor, acc: torch.Tensor, h: torch.Ten
     return w, cum + w, acc + w.unsqueeze(-1) * h
 
 
-def moe_permute(x: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """Gather token rows into expert-sorted order: ``x[token_index]``.  x: (N, D)."""
-    return x.index_select(0, token_index)
+def moe_permute(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Copy each token to its ``k`` expert-sorted rows: ``out[rows[t, j]] = x[t]``.
 
-
-def moe_unpermute(y: torch.Tensor, token_index: torch.Tensor, gate: torch.Tensor,
-                  num_tokens: int) -> torch.Tensor:
-    """Scatter expert outputs back, weighted by their gates: ``out[token_index[i]] += gate[i] * y[i]``.
-
-    y: (M, D) expert-sorted outputs; token_index, gate: (M,).  Returns (num_tokens, D).
+    x: (N, D); rows: (N, k), a permutation of ``[0, N*k)`` (row ``rows[t, j]`` of the sorted
+    list holds token t's j-th expert).  Returns (N*k, D).  Every output row is written exactly
+    once, so the result (and the backward, a gather and a sum over k) is deterministic.
     """
-    out = y.new_zeros(num_tokens, y.shape[-1])
-    return out.index_add(0, token_index, y * gate.unsqueeze(-1).to(y.dtype))
+    num_tokens, top_k = rows.shape
+    src = x.unsqueeze(1).expand(num_tokens, top_k, x.shape[-1]).reshape(num_tokens * top_k, -1)
+    return src.new_empty(src.shape).index_copy_(0, rows.reshape(-1).long(), src)
+
+
+def moe_unpermute(y: torch.Tensor, rows: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """Combine each token's ``k`` expert outputs: ``out[t] = sum_j gate[t, j] * y[rows[t, j]]``.
+
+    y: (N*k, D) expert-sorted rows; rows: (N, k) as for :func:`moe_permute`; gate: (N, k) or
+    None (weights of 1).  Returns (N, D).  A gather into (N, k, D) and a sum over k in a fixed
+    order: no scatter-add, so a recompute (activation checkpointing) reproduces it bitwise.
+    """
+    num_tokens, top_k = rows.shape
+    picked = y.index_select(0, rows.reshape(-1)).view(num_tokens, top_k, y.shape[-1])
+    if gate is not None:
+        picked = picked * gate.unsqueeze(-1).to(y.dtype)
+    return picked.sum(dim=1)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,20 @@ class RotaryTable(nn.Module):
 
     def __init__(self, rope_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.rope_dim, self.theta = rope_dim, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, rope_dim // 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, rope_dim // 2, dtype=torch.float32), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Compute the tables in place on their device (again after ``to_empty``: they are not saved)."""
+        device = self.cos.device
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.rope_dim, 2, dtype=torch.float32, device=device)
+                                        / self.rope_dim)
+        angles = torch.outer(torch.arange(self.cos.shape[0], dtype=torch.float32, device=device), inv_freq)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length

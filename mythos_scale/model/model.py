@@ -174,6 +174,8 @@ class MythosModel(nn.Module):
                 normal(module.weight, std)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, RotaryTable):
+                module.reset_parameters()
             elif isinstance(module, MoE):
                 module.balance_bias.zero_()
                 module.expert_counts.zero_()

@@ -9,9 +9,15 @@ counts per (depth, expert) in ``expert_counts``.  Depths beyond ``max_loops`` us
 Both stay in their dtypes when the module is cast (``model.bfloat16()``): bf16 could neither
 count tokens exactly nor hold a bias that moves by 1e-3 steps.
 
-Dispatch: the (token, expert) pairs are sorted by expert (stable argsort), rows gathered with
-``ops().moe_permute``, each expert runs once on its contiguous slice, and
-``ops().moe_unpermute`` scatters gate-weighted outputs back.  No token is ever dropped.
+Dispatch, all on the device with no host sync and no data-dependent shape: the N*k
+(token, slot) pairs are sorted by expert, ``rows[t, j]`` is the sorted row of token t's j-th
+expert and ``group_end[e]`` the end of expert e's rows (int32, the offsets of a grouped GEMM).
+``ops().moe_permute`` copies tokens to their sorted rows, the routed experts run as one
+grouped GEMM per projection (``torch.nn.functional.grouped_mm``), and ``ops().moe_unpermute``
+gathers each token's k outputs and sums them gate-weighted in a fixed order.  Nothing is
+scatter-added, so the combine is deterministic on every device: an activation-checkpointing
+recompute reproduces the forward bitwise, and near-tie routing decisions downstream cannot flip.
+No token is ever dropped.
 """
 
 from __future__ import annotations
@@ -27,8 +33,21 @@ from mythos_scale.kernels import ops
 from mythos_scale.model.layers import DenseFFN, LoopLinear
 
 
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch.nn.functional.grouped_mm`` runs ``x @ weight[e].T`` for these operands: fp32,
+    bf16 or fp16 on CPU; bf16 with 16-byte aligned rows on CUDA (CUTLASS on sm90+, torch's
+    own loop elsewhere) and on meta (its shape function mirrors the CUDA checks, so a meta
+    trace takes the GPU path).  It has no fp32 CUDA kernel and no fp64 at all."""
+    if x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (x.device.type in ("cuda", "meta") and x.dtype == torch.bfloat16
+            and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0)
+
+
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights; runs each on its contiguous slice of rows."""
+    """E SwiGLU experts stored as stacked weights, run on expert-sorted rows as grouped GEMMs."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
         super().__init__()
@@ -37,17 +56,26 @@ class RoutedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w_down.is_output_projection = True
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x_sorted: (M, D) rows grouped by expert, ``counts[e]`` rows for expert e."""
-        outputs = []
-        for e, rows in enumerate(x_sorted.split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            hidden = ops().swiglu(F.linear(rows, self.w_gate[e]), F.linear(rows, self.w_up[e]))
-            outputs.append(F.linear(hidden, self.w_down[e]))
-        if not outputs:
-            return x_sorted.new_zeros(0, x_sorted.shape[-1])
-        return torch.cat(outputs)
+    def forward(self, x_sorted: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+        """x_sorted: (M, D) rows grouped by expert; group_end: (E,) int32, expert e owns rows
+        ``group_end[e-1]:group_end[e]``.  Returns (M, D)."""
+        if not grouped_mm_supported(x_sorted, self.w_gate):
+            return self.per_expert_loop(x_sorted, group_end)
+
+        def gmm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return F.grouped_mm(rows, weight.transpose(-2, -1), offs=group_end)
+
+        return gmm(ops().swiglu(gmm(x_sorted, self.w_gate), gmm(x_sorted, self.w_up)), self.w_down)
+
+    def per_expert_loop(self, x_sorted: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
+        """The same experts as a loop of ``F.linear``, for operands grouped_mm lacks (fp32 or
+        fp64 on CUDA, fp64 on CPU).  Splitting the rows needs the group sizes on the host (one
+        sync per call) and gives data-dependent shapes.  ``unbind`` gives each expert its weight
+        views with one stacked gradient, not a zero-filled full-size gradient per expert."""
+        sizes = torch.diff(group_end, prepend=group_end.new_zeros(1)).tolist()
+        weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
+        return torch.cat([F.linear(ops().swiglu(F.linear(rows, gate), F.linear(rows, up)), down)
+                          for rows, (gate, up, down) in zip(x_sorted.split(sizes), weights)])
 
 
 class MoE(nn.Module):
@@ -63,7 +91,7 @@ class MoE(nn.Module):
         router_loops = cfg.max_loops if "router" in cfg.lora_targets else 0
         self.router = LoopLinear(cfg.dim, self.n_experts, router_loops, cfg.lora_rank)
         self.depth_bias = nn.Parameter(torch.zeros(cfg.max_loops, self.n_experts)) if m.depth_routing else None
-        self.register_buffer("balance_bias", torch.zeros(cfg.max_loops, self.n_experts))
+        self.register_buffer("balance_bias", torch.zeros(cfg.max_loops, self.n_experts, dtype=torch.float32))
         self.register_buffer("expert_counts", torch.zeros(cfg.max_loops, self.n_experts, dtype=torch.long),
                              persistent=False)
         self.experts = RoutedExperts(self.n_experts, cfg.dim, m.expert_hidden)
@@ -82,26 +110,36 @@ class MoE(nn.Module):
             gates = gates / gates.sum(dim=-1, keepdim=True)
         return scores, chosen, gates * self.route_scale
 
+    def dispatch_plan(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For chosen experts (N, k): ``rows`` (N, k), the expert-sorted row of each (token, slot)
+        pair, a permutation of [0, N*k); ``group_end`` (E,) int32, the end of each expert's rows."""
+        experts = chosen.flatten()
+        sorted_experts, order = experts.sort(stable=True)
+        rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        bounds = torch.arange(1, self.n_experts + 1, device=chosen.device, dtype=sorted_experts.dtype)
+        return rows.view_as(chosen), torch.searchsorted(sorted_experts, bounds, out_int32=True)
+
     def forward(self, x: torch.Tensor, loop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bsz, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         scores, chosen, gates = self.route(flat, loop)
-        expert_of_pair = chosen.flatten()
-        order = torch.argsort(expert_of_pair, stable=True)
-        token_index = order // self.top_k
-        counts = torch.bincount(expert_of_pair, minlength=self.n_experts)
-        x_sorted = ops().moe_permute(flat, token_index)
-        y_sorted = self.experts(x_sorted, counts.tolist())
-        y = ops().moe_unpermute(y_sorted, token_index, gates.flatten()[order], flat.shape[0])
+        rows, group_end = self.dispatch_plan(chosen)
+        y_sorted = self.experts(ops().moe_permute(flat, rows), group_end)
+        y = ops().moe_unpermute(y_sorted, rows, gates)
         if self.shared is not None:
             y = y + self.shared(flat)
         aux = self._sequence_aux_loss(scores, chosen, bsz, seq) if self.aux_loss_coef > 0 else scores.new_zeros(())
+        counts = torch.diff(group_end, prepend=group_end.new_zeros(1)).long()
         return y.view(bsz, seq, dim).to(x.dtype), aux, counts
 
-    def _apply(self, fn, recurse=True):  # keep balance_bias fp32 through dtype casts
+    def _apply(self, fn, recurse=True):
+        """Keep ``balance_bias`` fp32 through dtype casts (``.bfloat16()``, ``.to(dtype)``): the
+        cast result is replaced by the fp32 values moved to its device.  Casts that keep the
+        dtype (``.to(device)``, ``to_empty``, meta -> device) apply as usual."""
         bias = self.balance_bias
         super()._apply(fn, recurse)
-        self.balance_bias = bias.to(device=self.balance_bias.device)
+        if self.balance_bias.dtype != bias.dtype:
+            self.balance_bias = bias.to(device=self.balance_bias.device)
         return self
 
     def _sequence_aux_loss(self, scores: torch.Tensor, chosen: torch.Tensor, bsz: int, seq: int) -> torch.Tensor:
@@ -139,8 +177,8 @@ def update_balance_bias(model: nn.Module, rate: float,
         layer.balance_bias.add_(step.to(layer.balance_bias.dtype))
         layer.expert_counts.zero_()
     ratio = torch.where(seen, counts.max(dim=-1, keepdim=True).values / mean.clamp_min(1e-9), 0.0)
-    per_depth = ratio.squeeze(-1).amax(dim=0)
-    stats = {f"moe/load_max_over_mean/depth_{t}": float(v) for t, v in enumerate(per_depth) if v > 0}
+    per_depth = ratio.squeeze(-1).amax(dim=0).tolist()  # the one host sync
+    stats = {f"moe/load_max_over_mean/depth_{t}": v for t, v in enumerate(per_depth) if v > 0}
     if stats:
-        stats["moe/load_max_over_mean"] = float(per_depth.max())
+        stats["moe/load_max_over_mean"] = max(per_depth)
     return stats

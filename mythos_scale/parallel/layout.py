@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,16 @@ import torch.distributed as dist
 
 class LaunchError(RuntimeError):
     """The launch environment is inconsistent; the message names the variable."""
+
+
+# NCCL settings applied unless the launch environment sets them: a failed or timed-out collective
+# ends the process (srun then ends the job) instead of hanging, and the flight recorder keeps each
+# rank's last collectives and dumps them on a timeout (to TORCH_FR_DUMP_TEMP_FILE<rank>).
+NCCL_ENV_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,11 @@ class ParallelLayout:
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.device.type == "cuda" else "gloo"
+        """The process group's backend per device type (torchtitan's choice): on GPU, NCCL for
+        CUDA tensors and gloo for CPU ones, so a collective on a CPU tensor works instead of
+        failing with "No backend type associated with device type cpu".  On CPU, gloo for both
+        (what plain "gloo" means), spelled the same way so CPU runs exercise the form."""
+        return f"cpu:gloo,cuda:{'nccl' if self.device.type == 'cuda' else 'gloo'}"
 
 
 def _env_int(name: str) -> int | None:
@@ -79,8 +94,22 @@ def _fill_env_from_launcher() -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed(tp: int = 1, ep: int = 1) -> ParallelLayout:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and return the layout."""
+def cuda_device(local_rank: int) -> torch.device:
+    """GPU ``LOCAL_RANK`` of the visible ones, as DeepSpeed's engine binds it (every launcher
+    here starts one process per GPU with all of the node's GPUs visible)."""
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        raise LaunchError(
+            f"LOCAL_RANK={local_rank} but this process sees {count} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}): start at most one "
+            f"process per visible GPU, each seeing all of the node's GPUs (srun without --gpus-per-task "
+            f"or --gpu-bind, as slurm/pretrain_770m.sh does)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0) -> ParallelLayout:
+    """Start torch.distributed (with :attr:`ParallelLayout.backend`) and return the layout.
+    A collective that waits more than ``timeout_minutes`` fails instead of hanging the job."""
     _fill_env_from_launcher()
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if world is None or world < 1:
@@ -100,8 +129,10 @@ def init_distributed(tp: int = 1, ep: int = 1) -> ParallelLayout:
         raise LaunchError(f"parallel.tp={tp} / parallel.ep={ep}: tensor and expert parallelism "
                           "are not available in this release; use tp=1 ep=1")
     if torch.cuda.is_available():
-        device = torch.device("cuda", local % torch.cuda.device_count())
+        device = cuda_device(local)
         torch.cuda.set_device(device)
+        for name, value in NCCL_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     else:
         device = torch.device("cpu")
         # Ranks on one machine share its cores: oversubscribed threads make every rank slower.
@@ -111,6 +142,16 @@ def init_distributed(tp: int = 1, ep: int = 1) -> ParallelLayout:
     if not dist.is_initialized():
         import deepspeed  # deferred: importing DeepSpeed costs seconds
 
-        deepspeed.init_distributed(dist_backend=layout.backend, auto_mpi_discovery=False,
-                                   verbose=False, rank=rank, world_size=world)
+        try:
+            deepspeed.init_distributed(dist_backend=layout.backend, auto_mpi_discovery=False,
+                                       verbose=False, timeout=timedelta(minutes=timeout_minutes),
+                                       rank=rank, world_size=world)
+        except dist.DistNetworkError as exc:
+            if "EADDRINUSE" not in str(exc):
+                raise
+            port = os.environ["MASTER_PORT"]
+            raise LaunchError(
+                f"MASTER_PORT={port} on {os.environ['MASTER_ADDR']} is already in use (another run "
+                f"or program holds it): choose a free port, e.g. MASTER_PORT={int(port) + 1}, or "
+                f"--master_port with the deepspeed launcher") from None
     return layout

@@ -8,12 +8,23 @@ Layout of ``<run>/checkpoints``::
         COMPLETE.json              written last, by rank 0, after every rank finished: the
                                    size of every file, the step, the world size
     latest                         the tag of the newest committed checkpoint
+    unusable/step_00000100/        a committed checkpoint found damaged later, set aside
 
 A save is committed in three moves: every rank writes its files; a barrier; rank 0 writes
 ``COMPLETE.json`` and then atomically replaces ``latest``.  A crash at any point before
 that leaves the previous checkpoint as the latest.  On load, ``latest`` is followed and
 its files are checked against ``COMPLETE.json``; a missing or truncated file sends the
 loader back to the previous committed checkpoint, with a log line saying why.
+
+What is kept (after each commit; the checkpoint just committed is the newest good one):
+
+- the newest ``keep_last`` good checkpoints; older good ones are deleted;
+- a checkpoint that was committed but is damaged now (a file truncated or altered, an unreadable
+  ``COMPLETE.json``) is never counted as kept and never deleted: it is moved to
+  ``checkpoints/unusable/`` (the log says so), out of the way of resume and pruning, for
+  inspection; delete it when done;
+- an interrupted save (a folder without ``COMPLETE.json``) holds nothing usable and is deleted;
+- folders newer than the checkpoint just committed (left by an earlier attempt) are not touched.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "COMPLETE.json"
 LATEST = "latest"
+UNUSABLE = "unusable"  # damaged checkpoints are moved here, never deleted
 
 
 class CheckpointError(RuntimeError):
@@ -70,16 +83,26 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _commit_record(tag_dir: Path) -> dict[str, Any]:
+    """The parsed ``COMPLETE.json`` of ``tag_dir``; ValueError when it is not a valid one."""
+    try:
+        info = json.loads((tag_dir / MANIFEST).read_text())
+        record = {"step": int(info["step"]), "world_size": int(info["world_size"]),
+                  "files": {str(k): int(v) for k, v in info["files"].items()}}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{tag_dir / MANIFEST} is not a valid checkpoint record ({exc!r})") from None
+    return record
+
+
 def validate_checkpoint(tag_dir: Path) -> str | None:
     """Return why ``tag_dir`` cannot be used, or None when every recorded file is intact."""
-    manifest = tag_dir / MANIFEST
-    if not manifest.is_file():
-        return f"{manifest.name} is missing (the save did not finish)"
+    if not (tag_dir / MANIFEST).is_file():
+        return f"{MANIFEST} is missing (the save did not finish)"
     try:
-        info = json.loads(manifest.read_text())
-    except json.JSONDecodeError as exc:
-        return f"{manifest} is not valid JSON ({exc})"
-    for name, size in info["files"].items():
+        record = _commit_record(tag_dir)
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    for name, size in record["files"].items():
         path = tag_dir / name
         if not path.is_file():
             return f"file {path} is missing"
@@ -87,6 +110,24 @@ def validate_checkpoint(tag_dir: Path) -> str | None:
         if actual != size:
             return f"file {path} has {actual} bytes, {size} were written (truncated or altered)"
     return None
+
+
+@dataclass
+class CheckpointScan:
+    """What a run folder's checkpoints allow: the newest usable one (never newer than ``latest``)
+    and those tried before it and rejected, with the reason."""
+
+    usable: Path | None
+    rejected: list[tuple[Path, str]]
+    any_committed: bool  # a checkpoint was committed once (so the run has state to lose)
+
+    @property
+    def only_unusable(self) -> bool:
+        return self.usable is None and self.any_committed
+
+    def world_size(self) -> int:
+        assert self.usable is not None
+        return _commit_record(self.usable)["world_size"]
 
 
 @dataclass
@@ -114,7 +155,11 @@ class Checkpointer:
         tag = tag_for_step(step)
         tag_dir = self.dir / tag
         if self.rank == 0 and tag_dir.exists():
-            shutil.rmtree(tag_dir)  # an uncommitted leftover of an earlier crash at this step
+            problem = validate_checkpoint(tag_dir)
+            if problem is not None and (tag_dir / MANIFEST).exists():
+                self._set_aside(tag_dir, problem)
+            else:  # an interrupted save, or an intact one of this step that this save redoes
+                shutil.rmtree(tag_dir)
         dist.barrier()
         # Our keys live under one name: DeepSpeed keeps keys of its own (skipped_steps, ...)
         # in the same dict and drops them from what load_checkpoint returns.
@@ -128,52 +173,67 @@ class Checkpointer:
             _atomic_write_text(tag_dir / MANIFEST, json.dumps(
                 {"step": step, "world_size": self.world_size, "files": files}, indent=1))
             _atomic_write_text(self.dir / LATEST, tag)
-            self._prune(keep=tag)
+            self._prune(keep=tag_dir)
         dist.barrier()
         return time.perf_counter() - start
 
-    def _prune(self, keep: str) -> None:
-        committed = sorted(p for p in self.dir.glob("step_*") if (p / MANIFEST).is_file())
-        for old in committed[:-self.keep_last]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+    def _tags(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("step_*") if p.is_dir()) if self.dir.is_dir() else []
+
+    def _prune(self, keep: Path) -> None:
+        """Rank 0, right after committing ``keep``: see the module docstring for what is kept."""
+        good = []
+        for tag_dir in self._tags():
+            if tag_dir.name > keep.name:
+                continue
+            problem = validate_checkpoint(tag_dir)
+            if problem is None:
+                good.append(tag_dir)
+            elif (tag_dir / MANIFEST).exists():
+                self._set_aside(tag_dir, problem)
+            else:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+        for old in good[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _set_aside(self, tag_dir: Path, problem: str) -> None:
+        aside = self.dir / UNUSABLE
+        aside.mkdir(exist_ok=True)
+        target, n = aside / tag_dir.name, 1
+        while target.exists():
+            n += 1
+            target = aside / f"{tag_dir.name}.{n}"
+        tag_dir.rename(target)
+        log.warning("checkpoint %s is damaged (%s): moved to %s for inspection; it is never resumed "
+                    "from or counted as kept; delete it when done", tag_dir.name, problem, target)
 
     # ------------------------------------------------------------------ load
 
-    def _candidates(self) -> list[Path]:
-        """Committed tags, newest first, never newer than what ``latest`` points to."""
-        if not self.dir.is_dir():
-            return []
-        tags = sorted((p for p in self.dir.glob("step_*") if p.is_dir()), reverse=True)
+    def scan(self) -> CheckpointScan:
+        """Find the newest usable checkpoint, newest first, never newer than ``latest``."""
+        tags = self._tags()
         latest_file = self.dir / LATEST
-        if latest_file.is_file():
-            latest = latest_file.read_text().strip()
+        latest = latest_file.read_text().strip() if latest_file.is_file() else ""
+        if re.fullmatch(r"step_\d{8}", latest):
             tags = [p for p in tags if p.name <= latest]
-        return tags
-
-    def find_resume_tag(self) -> Path | None:
-        for tag_dir in self._candidates():
+        rejected = []
+        for tag_dir in reversed(tags):
             problem = validate_checkpoint(tag_dir)
             if problem is None:
-                return tag_dir
-            if self.rank == 0:
-                log.warning("checkpoint %s cannot be used: %s; trying the previous one", tag_dir.name, problem)
-        return None
+                return CheckpointScan(tag_dir, rejected, True)
+            rejected.append((tag_dir, problem))
+        committed = bool(latest) or any((p / MANIFEST).exists() for p in tags)
+        return CheckpointScan(None, rejected, committed)
 
-    def load(self, engine) -> ResumePoint | None:
-        """Load the newest intact checkpoint into ``engine``; None when the run has none."""
-        tag_dir = self.find_resume_tag()
-        if tag_dir is None:
-            return None
-        info = json.loads((tag_dir / MANIFEST).read_text())
-        if info["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"checkpoint {tag_dir} was written by {info['world_size']} ranks, this run has "
-                f"{self.world_size}; resume with the same number of ranks")
+    def load(self, engine, tag_dir: Path) -> ResumePoint:
+        """Load checkpoint ``tag_dir`` (from :meth:`scan`) into ``engine``."""
         trainer_file = tag_dir / f"trainer_rank_{self.rank:05d}.pt"
-        trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=False)
-        load_path, client_state = engine.load_checkpoint(
-            str(self.dir), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+        try:
+            trainer_state = torch.load(trainer_file, map_location="cpu", weights_only=False)
+            load_path, client_state = engine.load_checkpoint(
+                str(self.dir), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as exc:  # torch and DeepSpeed raise many types for a damaged file
+            raise CheckpointError(f"cannot load checkpoint {tag_dir}: {exc}") from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
         restore_rng_state(trainer_state.pop("rng"))

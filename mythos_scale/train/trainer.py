@@ -1,8 +1,4 @@
-"""``mythos train``: pretrain an RDT with DeepSpeed, alone or under a launcher.
-
-    mythos train --config configs/tiny_cpu.yaml train.max_steps=50
-    deepspeed --num_gpus 8 --module mythos_scale.train --config configs/mythos_770m.yaml
-    srun python -m mythos_scale.train --config ...          (see slurm/)
+"""The trainer: one rank of a run (``mythos train``, see :mod:`mythos_scale.train.cli`).
 
 One optimizer step: draw the loop count T from (seed, step) so every rank agrees, run
 ``grad_accum`` micro-batches forward/backward through the DeepSpeed engine (truncated
@@ -10,18 +6,18 @@ backprop through the last k iterations), let DeepSpeed reduce, clip and step (it
 update when the gradient is not finite), update the MoE balance biases from expert counts
 summed over the data-parallel group, then log, evaluate and checkpoint.
 
-Exit status: 0 finished, 2 bad config / data / launch environment, 75 preempted (SIGTERM or
-SIGUSR1: the state was saved; requeue the job), 1 anything else (e.g. too many non-finite
-steps in a row).
+The run folder (``train.out_dir/train.name``) is checked before anything is built and claimed
+(``config.yaml`` written) only once the data is checked, the engine built and the checkpoint
+loaded, so a start that fails early leaves nothing behind.  See :meth:`Trainer._check_run_folder`
+for what is refused and :meth:`Trainer._start_run_folder` for what a start changes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import signal
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from mythos_scale.config import Config, ConfigError, dump_config, load_config
+from mythos_scale.config import Config, ConfigError, dump_config
 from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError
 from mythos_scale.model import build_model, update_balance_bias
@@ -44,23 +40,28 @@ from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import MetricsLogger, memory_gib, peak_tflops
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
+from mythos_scale.train.status import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
+                                       stop_requested)
 
 log = logging.getLogger("mythos_scale.train")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED = 0, 1, 2, 75
-
-
-# Set by SIGTERM / SIGUSR1 (preemption, the Slurm pre-timeout signal); read once per step.
-_stop_signal: str | None = None
-
-
-def _request_stop(signum, _frame) -> None:
-    global _stop_signal
-    _stop_signal = signal.Signals(signum).name
+# The keys of the learning-rate schedule, saved with each checkpoint to detect a change on resume.
+SCHEDULE_KEYS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
+# What a run leaves in its folder besides config.yaml; a fresh start moves these to previous/.
+RUN_OUTPUTS = ("metrics.jsonl", "tb", "plots", "checkpoints")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (the message says why); exit status 1."""
+
+
+def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Sum scalars over all ranks in one all-reduce, read back with one host sync.  The tensor is
+    on ``device``, the layout's: an NCCL group has no CPU backend (the process group is
+    ``cpu:gloo,cuda:nccl`` so CPU tensors work too, through gloo)."""
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
+    dist.all_reduce(packed)
+    return packed.tolist()
 
 
 def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:
@@ -97,7 +98,8 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         t = cfg.train
         self.run_dir = Path(t.out_dir).expanduser() / t.name
-        self._check_run_dir()
+        self.checkpointer = Checkpointer(self.run_dir, t.checkpoint.keep_last, layout.rank, layout.world_size)
+        self.resume_tag = self._check_run_folder()
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
                            vocab_size=cfg.model.vocab_size)
@@ -111,10 +113,8 @@ class Trainer:
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self._flops_per_token: dict[tuple[int, int], float] = {}  # by (T, k), from the planner
-        self.peak_tflops = peak_tflops(t.peak_tflops, layout.device)
-
-        self.checkpointer = Checkpointer(self.run_dir, t.checkpoint.keep_last, layout.rank, layout.world_size)
-        self.metrics = MetricsLogger(self.run_dir / "tb" if layout.is_main else None)
+        self.peak_tflops = peak_tflops(t.peak_tflops, layout.device, cfg.data.cache_dir)
+        self.metrics: MetricsLogger | None = None  # opened by fit(), once the run has started
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
@@ -122,47 +122,132 @@ class Trainer:
 
     # ------------------------------------------------------------------ run folder
 
-    def _check_run_dir(self) -> None:
+    def _check_run_folder(self) -> Path | None:
+        """Decide, changing nothing, how this run starts: the checkpoint to resume from, or None
+        for step 0.  Refused (exit 2): a folder whose checkpoints are all unusable (unless
+        ``train.restart``), a checkpoint written by another number of ranks, a resume with
+        another model config.  A folder without a committed checkpoint is not claimed by
+        anything in it (a config.yaml of an earlier start that failed included)."""
+        t, main = self.cfg.train, self.layout.is_main
+        scan = self.checkpointer.scan()
+        for tag_dir, problem in scan.rejected:
+            if main:
+                log.warning("checkpoint %s cannot be used: %s", tag_dir.name, problem)
+        if scan.only_unusable:
+            if not t.restart:
+                listed = "\n  ".join(f"{tag.name}: {why}" for tag, why in scan.rejected) or "(none left)"
+                raise CheckpointError(
+                    f"run folder {self.run_dir} has checkpoints, but none can be resumed from:\n  {listed}\n"
+                    f"Nothing was changed. Repair or remove them, use another train.name or train.out_dir, "
+                    f"or set train.restart=true to start again from step 0 (what this folder holds is then "
+                    f"moved to {self.run_dir / 'previous'}/<time>/, not deleted)")
+            if main:
+                log.warning("train.restart=true: no usable checkpoint; starting again from step 0")
+            return None
+        if scan.usable is None:
+            return None
+        if t.restart and main:
+            log.info("train.restart=true has no effect: checkpoint %s is usable and is resumed", scan.usable.name)
+        if scan.world_size() != self.layout.world_size:
+            raise CheckpointError(
+                f"checkpoint {scan.usable} was written by {scan.world_size()} ranks, this run has "
+                f"{self.layout.world_size}: resume it with {scan.world_size()} ranks (e.g. `mythos train "
+                f"--nproc {scan.world_size()} ...`, NPROC={scan.world_size()} bash launch/quickstart.sh, or "
+                f"deepspeed --num_gpus {scan.world_size()}), or start a separate run with another train.name. "
+                f"Resharding a checkpoint to another rank count is not supported yet")
+        self._check_same_model()
+        return scan.usable
+
+    def _check_same_model(self) -> None:
         """A run folder belongs to one model: refuse to resume it with another."""
         saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
         current = self.cfg.model_dump(mode="json")
-        if saved.is_file():
-            old = yaml.safe_load(saved.read_text())
-            diffs = [f"model.{k}: {old['model'].get(k)!r} -> {v!r}"
-                     for k, v in current["model"].items() if old["model"].get(k) != v]
-            if old["data"]["seq_len"] != current["data"]["seq_len"]:
-                diffs.append(f"data.seq_len: {old['data']['seq_len']} -> {current['data']['seq_len']}")
-            if diffs:
-                raise ConfigError(f"run folder {self.run_dir} was created with a different config "
-                                  f"({saved}); use another train.name or train.out_dir. Differences:\n  "
-                                  + "\n  ".join(diffs))
-        elif self.layout.is_main:
+        old = yaml.safe_load(saved.read_text())
+        diffs = [f"model.{k}: {old['model'].get(k)!r} -> {v!r}"
+                 for k, v in current["model"].items() if old["model"].get(k) != v]
+        if old["data"]["seq_len"] != current["data"]["seq_len"]:
+            diffs.append(f"data.seq_len: {old['data']['seq_len']} -> {current['data']['seq_len']}")
+        if diffs:
+            raise ConfigError(f"run folder {self.run_dir} was created with a different config "
+                              f"({saved}); use another train.name or train.out_dir. Differences:\n  "
+                              + "\n  ".join(diffs))
+
+    def _start_run_folder(self, resumed: bool) -> None:
+        """Claim the run folder, once the data is checked, the engine built and the checkpoint
+        loaded.  A resume at step s drops the metrics rows after s (those steps run again,
+        identically); a start from step 0 moves what an earlier attempt left (metrics,
+        TensorBoard logs, plots, checkpoints) to ``previous/<time>/``: nothing is mixed, nothing
+        lost.  Then ``config.yaml`` records this start's config."""
+        if self.layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            saved.write_text(dump_config(self.cfg))
+            if resumed:
+                self._truncate_history(self.step)
+            else:
+                self._move_earlier_attempt_aside()
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
         dist.barrier()
+
+    def _move_earlier_attempt_aside(self) -> None:
+        found = [self.run_dir / n for n in RUN_OUTPUTS if (self.run_dir / n).exists()]
+        if not found:
+            return
+        found += [p for p in [self.run_dir / "config.yaml"] if p.exists()]
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, n = self.run_dir / "previous" / stamp, 1
+        while dest.exists():
+            n += 1
+            dest = self.run_dir / "previous" / f"{stamp}.{n}"
+        dest.mkdir(parents=True)
+        for path in found:
+            path.rename(dest / path.name)
+        log.warning("starting from step 0: moved what an earlier attempt left in %s (%s) to %s",
+                    self.run_dir, ", ".join(p.name for p in found), dest)
+
+    def _truncate_history(self, step: int) -> None:
+        """Keep the metrics rows up to ``step`` (one per step) and drop damaged lines."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        rows, later, damaged = {}, 0, 0
+        for line in path.read_text().splitlines():
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                damaged += 1
+                continue
+            if row_step <= step:
+                rows[row_step] = line
+            else:
+                later += 1
+        text = "".join(rows[k] + "\n" for k in sorted(rows))
+        if text != path.read_text():
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            log.info("metrics.jsonl: kept the rows up to step %d; dropped %d rows of later steps (they "
+                     "run again) and %d damaged lines", step, later, damaged)
 
     # ------------------------------------------------------------------ signals
 
     def _any_rank_wants_stop(self) -> bool:
-        flag = torch.tensor([1.0 if _stop_signal else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return sum_over_ranks([1.0 if stop_requested() else 0.0], self.layout.device)[0] > 0
 
     # ------------------------------------------------------------------ state
 
     def _save(self) -> None:
-        client = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps}
+        client = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
+                  "schedule": {k: getattr(self.cfg.train, k) for k in SCHEDULE_KEYS}}
         seconds = self.checkpointer.save(self.engine, self.step, client,
                                          {"data": self.train_loader.state_dict()})
         if self.layout.is_main:
             log.info("saved checkpoint step %d to %s in %.2fs", self.step, self.checkpointer.dir, seconds)
         self.metrics.scalars(self.step, {"ckpt/save_s": seconds})
 
-    def _resume(self) -> None:
+    def _resume(self, tag_dir: Path) -> None:
         start = time.perf_counter()
-        point = self.checkpointer.load(self.engine)
-        if point is None:
-            return
+        point = self.checkpointer.load(self.engine, tag_dir)
         self.step = point.step
         self.tokens_seen = point.client_state["tokens_seen"]
         self.skipped_steps = point.client_state["nonfinite_skipped"]
@@ -170,6 +255,21 @@ class Trainer:
         if self.layout.is_main:
             log.info("resumed from %s (step %d, %d tokens) in %.2fs", point.tag, self.step,
                      self.tokens_seen, time.perf_counter() - start)
+            self._warn_if_schedule_changed(point.tag, point.client_state.get("schedule"))
+
+    def _warn_if_schedule_changed(self, tag: str, saved: dict[str, Any] | None) -> None:
+        """Changing train.max_steps (or another schedule key) on resume is allowed, since raising
+        max_steps is how a run is extended, but it bends the LR curve from here on: say how."""
+        t = self.cfg.train
+        changed = {k: v for k, v in (saved or {}).items() if k in SCHEDULE_KEYS and v != getattr(t, k)}
+        if not changed:
+            return
+        before = lr_at(self.step, t.model_copy(update=changed))
+        log.warning("the learning-rate schedule differs from the one %s was trained with (%s): from step %d "
+                    "the LR follows the new one, %.3g instead of %.3g%s; to keep the old curve, resume with "
+                    "the old values", tag, ", ".join(f"train.{k} {v} -> {getattr(t, k)}" for k, v in changed.items()),
+                    self.step, lr_at(self.step, t), before,
+                    " (the decay is stretched over the new length)" if "max_steps" in changed else "")
 
     # ------------------------------------------------------------------ the step
 
@@ -235,9 +335,8 @@ class Trainer:
                                    all_reduce=lambda counts: dist.all_reduce(counts))
         # Mean of every part over micro-batches and data-parallel ranks, in one collective.
         names = sorted(sums)
-        packed = torch.stack([sums[n] for n in names]) / (self.grad_accum * self.layout.dp)
-        dist.all_reduce(packed)
-        metrics = {f"train/{n}": v for n, v in zip(names, packed.tolist())}
+        means = sum_over_ranks([sums[n] / (self.grad_accum * self.layout.dp) for n in names], self.layout.device)
+        metrics = {f"train/{n}": v for n, v in zip(names, means)}
 
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -255,7 +354,7 @@ class Trainer:
         if timed or self.layout.device.type != "cuda":
             metrics.update({f"time/{phase}_s": seconds for phase, seconds in times.items()})
         metrics.update(self._model_stats(stats, load))
-        self._throughput(metrics, n_loops, k, time.perf_counter() - step_start)
+        metrics["time/step_s"] = time.perf_counter() - step_start
         return metrics
 
     @staticmethod
@@ -272,59 +371,75 @@ class Trainer:
                     out[f"model/{name}/iter_{i:02d}"] = v
         return out
 
-    def _throughput(self, metrics: dict[str, float], n_loops: int, k: int, seconds: float) -> None:
+    def _step_flops(self, n_loops: int, k: int) -> float:
+        """Model FLOPs of one optimizer step (all ranks) at loop count T and backprop depth k."""
         if (n_loops, k) not in self._flops_per_token:
             self._flops_per_token[n_loops, k] = plan_model(
                 self.cfg.model, loops=n_loops, backprop_depth=k, seq_len=self.cfg.data.seq_len)["flops_per_token"]
-        tokens_per_s = self.tokens_per_step / seconds
-        per_device = tokens_per_s / self.layout.world_size
-        tflops = per_device * self._flops_per_token[n_loops, k] / 1e12
-        metrics.update({
-            "time/step_s": seconds, "perf/tokens_per_s": tokens_per_s,
-            "perf/tokens_per_s_per_device": per_device, "perf/tflops_per_device": tflops,
-            "perf/mfu": tflops / self.peak_tflops, "mem/gib": memory_gib(self.layout.device),
-        })
+        return self.tokens_per_step * self._flops_per_token[n_loops, k]
+
+    def _throughput(self, steps: int, seconds: float, flops: float) -> dict[str, float]:
+        """Throughput over a logging interval of ``steps`` steps and ``seconds`` of wall time
+        (evaluation and checkpointing included): what the console and ``perf/*`` report."""
+        tokens_per_s = steps * self.tokens_per_step / seconds
+        tflops = flops / seconds / self.layout.world_size / 1e12
+        return {"perf/step_s": seconds / steps, "perf/tokens_per_s": tokens_per_s,
+                "perf/tokens_per_s_per_device": tokens_per_s / self.layout.world_size,
+                "perf/tflops_per_device": tflops, "perf/mfu": tflops / self.peak_tflops,
+                "mem/gib": memory_gib(self.layout.device)}
 
     # ------------------------------------------------------------------ eval
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.engine.eval()
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=self.layout.device), 0
         n_loops = self.cfg.train.loops.mean
         for i, (inputs, labels) in enumerate(self.val_loader):
             if i >= self.cfg.train.eval_batches:
                 break
             out = self.engine(inputs.to(self.layout.device), n_loops=n_loops)
-            total += self._lm_loss(out.logits.float(), labels.to(self.layout.device)).cpu()
+            total += self._lm_loss(out.logits.float(), labels.to(self.layout.device))
             count += 1
         self.engine.train()
-        packed = torch.stack([total, torch.tensor(float(count))])
-        dist.all_reduce(packed)
-        return (packed[0] / packed[1].clamp(min=1)).item()
+        loss_sum, batches = sum_over_ranks([total, float(count)], self.layout.device)
+        return loss_sum / max(batches, 1.0)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        t = self.cfg.train
-        self._resume()
-        if self.layout.is_main:
+        t, main = self.cfg.train, self.layout.is_main
+        if self.resume_tag is not None:
+            self._resume(self.resume_tag)
+        self._start_run_folder(resumed=self.resume_tag is not None)
+        # On resume, TensorBoard hides what an earlier attempt logged after the checkpoint.
+        self.metrics = MetricsLogger(self.run_dir / "tb" if main else None,
+                                     purge_step=self.step + 1 if self.resume_tag is not None else None)
+        if main:
             log.info("run folder %s | %d ranks (dp %d) | global batch %d x %d tokens | grad accum %d | "
                      "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp,
                      t.global_batch_size, self.cfg.data.seq_len, self.grad_accum, self.step, t.max_steps)
-        history = open(self.run_dir / "metrics.jsonl", "a") if self.layout.is_main else None
+        history = open(self.run_dir / "metrics.jsonl", "a") if main else None
         batches = iter(self.train_loader)
         last_step = t.max_steps if not t.exit_after_steps else min(t.max_steps, self.step + t.exit_after_steps)
+        interval_start, interval_steps, interval_flops = time.perf_counter(), 0, 0.0
         try:
             while self.step < last_step:
                 metrics = self.train_step(batches)
+                interval_steps += 1
+                interval_flops += self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"]))
                 if self.val_loader is not None and self.step % t.eval_every == 0:
                     metrics["val/loss"] = self.evaluate()
-                if self.layout.is_main:
+                logged = self.step % t.log_every == 0 or self.step == last_step
+                if logged:
+                    now = time.perf_counter()
+                    metrics.update(self._throughput(interval_steps, now - interval_start, interval_flops))
+                    interval_start, interval_steps, interval_flops = now, 0, 0.0
+                if main:
                     self.metrics.scalars(self.step, metrics)
-                    history.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                    history.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **metrics}) + "\n")
                     history.flush()
-                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    if logged:
                         self.metrics.console(self.step, t.max_steps, metrics)
                 if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
                     raise TrainingError(
@@ -335,26 +450,36 @@ class Trainer:
                 if stop or self.step % t.checkpoint.every == 0 or self.step == last_step:
                     self._save()
                 if stop:
-                    if self.layout.is_main:
-                        log.warning("stop requested (%s): saved step %d; exiting with status %d so the "
-                                    "job can be requeued", _stop_signal or "signal on another rank",
-                                    self.step, EXIT_PREEMPTED)
+                    if main:
+                        log.warning("stop requested (%s): saved step %d; exiting with status %d: run the same "
+                                    "command again (or requeue the job) to resume", stop_requested()
+                                    or "signal on another rank", self.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
         finally:
             if history is not None:
                 history.close()
             self.metrics.close()
-        if self.layout.is_main:
-            plots = write_plots(self.run_dir)
-            log.info("plots: %s", ", ".join(str(p) for p in plots))
-        if self.layout.is_main and self.step < t.max_steps:
+        if main:
+            self._write_plots()
+        if main and self.step < t.max_steps:
             log.info("stopped after train.exit_after_steps=%d at step %d; run again to continue",
                      t.exit_after_steps, self.step)
-        elif self.layout.is_main:
+        elif main:
             log.info("done: %d steps, %d tokens. TensorBoard: tensorboard --logdir %s ; checkpoints: %s ; "
                      "run the same command again to resume (raise train.max_steps to train further)",
-                     self.step, self.tokens_seen, self.run_dir / "tb", self.checkpointer.dir)
+                     self.step, self.tokens_seen, shlex.quote(str(self.run_dir / "tb")),
+                     shlex.quote(str(self.checkpointer.dir)))
         return EXIT_OK
+
+    def _write_plots(self) -> None:
+        """The run is done whatever happens here: a plot that cannot be drawn is a warning."""
+        try:
+            plots = write_plots(self.run_dir)
+        except Exception as exc:  # matplotlib and a hand-edited history can fail in many ways
+            log.warning("could not draw the plots (%s: %s); the run itself is complete. Retry with: "
+                        "mythos plot %s", type(exc).__name__, exc, shlex.quote(str(self.run_dir)))
+            return
+        log.info("plots: %s", ", ".join(str(p) for p in plots))
 
 
 def _setup_logging(rank: int) -> None:
@@ -364,21 +489,28 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mythos train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (defaults when omitted)")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed launcher
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
+def _skip_deepspeed_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op (``deepspeed_shm_comm``,
+    under ~/.cache/torch_extensions) when it starts communication: a minute of compiling on a
+    first start, again whenever another environment rebuilt it with other flags, and every other
+    rank waits on the build lock meanwhile.  The op serves only ``inference_all_reduce``, which
+    training never calls; DeepSpeed 0.19 builds it only when ``deepspeed.ops.__compatible_ops__``
+    lists it, a dict it otherwise fills lazily by probing every op (compiler runs) and reads only
+    there.  So set that dict, with the op marked unavailable."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__ = {ShareMemCommBuilder.NAME: False}
+
+
+def run(cfg: Config) -> int:
+    """Train ``cfg`` as one rank of a launch (or a world of one); returns the exit status."""
     _setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
-    # From the start: a signal during start-up must not kill the process, only stop it at step 1.
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _request_stop)
     try:
-        cfg = load_config(args.config, args.overrides)
-        layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep)
-        trainer = Trainer(cfg, layout)
-        return trainer.fit()
+        if not torch.cuda.is_available():
+            _skip_deepspeed_shm_op()
+        layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_minutes)
+        return Trainer(cfg, layout).fit()
     except (ConfigError, LaunchError, CheckpointError, DataError) as exc:
         print(f"mythos train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -388,7 +520,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Exit statuses and stop requests, shared by the launcher, the command and the trainer.
+
+SIGTERM, SIGUSR1 (Slurm's pre-timeout signal) and SIGINT (Ctrl-C) ask for a stop: the run
+finishes its step, saves, and exits with ``EXIT_PREEMPTED``.  A second SIGINT means "now":
+it raises KeyboardInterrupt, and the run ends without saving (``EXIT_INTERRUPTED``).
+Imports nothing heavy: handlers are installed before torch and DeepSpeed load, so a signal
+during start-up is never lost.
+"""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+_stop_signal: str | None = None
+
+
+def _request_stop(signum: int, _frame) -> None:
+    global _stop_signal
+    if signum == signal.SIGINT and _stop_signal == "SIGINT":
+        raise KeyboardInterrupt
+    _stop_signal = signal.Signals(signum).name
+
+
+def install_stop_handlers() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _request_stop)
+
+
+def stop_requested() -> str | None:
+    """The name of the first stop signal received by this process, or None."""
+    return _stop_signal
