@@ -33,9 +33,10 @@ class LTIInjection(nn.Module):
         super().__init__()
         inj = cfg.injection
         self.a_bar_min, self.a_bar_max = inj.a_bar_min, inj.a_bar_max
-        self.a_log = nn.Parameter(torch.full((cfg.dim,), inj.a_log_init))
-        self.dt_bias = nn.Parameter(torch.full((cfg.dim,), self.dt_bias_for(inj.dt_init)))
-        self.b = nn.Parameter(torch.eye(cfg.dim))
+        fp32 = dict(dtype=torch.float32)  # whatever the default dtype the model is built under
+        self.a_log = nn.Parameter(torch.full((cfg.dim,), inj.a_log_init, **fp32))
+        self.dt_bias = nn.Parameter(torch.full((cfg.dim,), self.dt_bias_for(inj.dt_init), **fp32))
+        self.b = nn.Parameter(torch.eye(cfg.dim, **fp32))
 
     @staticmethod
     def dt_bias_for(dt: float) -> float:
