@@ -66,15 +66,33 @@ class MoEConfig(_Strict):
     aux_loss_coef: float = Field(0.0, ge=0)
 
 
+# The largest A_bar bound allowed: bfloat16 (spacing 2^-8 below 1) rounds every float32 from
+# 1 - 2^-9 = 0.998046875 up to 1.0.
+A_BAR_MAX_LIMIT = 0.998
+
+
 class InjectionConfig(_Strict):
-    """Parcae LTI injection: h <- A_bar * h + B_bar e with A_bar = exp(dt * -exp(A_log))."""
+    """Parcae LTI injection ``z = A_bar * h + B_bar e`` with ``B_bar = dt * B`` and
+    ``A_bar = a_bar_min + (a_bar_max - a_bar_min) * exp(-dt * exp(A_log))``, ``dt = softplus(dt_bias)``."""
 
     a_log_init: float = 0.0
     dt_init: float = Field(0.5, gt=0)
-    # Upper clamp of A_bar, strictly below 1 in bf16 as well as fp32 (bf16 spacing near 1
-    # is 2^-8, so anything <= 0.99 stays representable below 1.0).
+    # Bounds of A_bar, approached smoothly (A_log keeps a gradient near them).  a_bar_max must stay
+    # below 1.0 after rounding to bf16, or the recurrence could stop contracting in bf16 compute.
     a_bar_max: float = Field(0.99, gt=0, lt=1)
-    a_bar_min: float = Field(1e-4, gt=0, lt=1)
+    a_bar_min: float = Field(1e-4, ge=0, lt=1)
+    # Training starts the recurrence from h_0 ~ N(0, state_init_std^2) (Huginn, Parcae), so the
+    # core learns to reach its state from anywhere near 0; inference starts from h_0 = 0.
+    state_init_std: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "InjectionConfig":
+        _require(self.a_bar_max <= A_BAR_MAX_LIMIT, "model.injection.a_bar_max",
+                 f"{self.a_bar_max} rounds to 1.0 in bfloat16 (spacing 2^-8 below 1), so A_bar could reach 1 "
+                 f"and the state stop contracting; use at most {A_BAR_MAX_LIMIT}")
+        _require(self.a_bar_min < self.a_bar_max, "model.injection.a_bar_min",
+                 f"({self.a_bar_min}) must be below model.injection.a_bar_max ({self.a_bar_max})")
+        return self
 
 
 class ACTConfig(_Strict):

@@ -14,8 +14,8 @@ numerator; embedding lookups and elementwise ops are not counted):
     flops_per_token = forward + backward
 
 The prelude still runs its backward: B_bar e enters every iteration, the last k included.  A
-core iteration counts the top_k routed experts, the shared experts, the router, the ACT halting
-unit and one iteration's LoRA adapters.  ``flops_per_token_with_recompute`` adds the forward
+core iteration counts the top_k routed experts, the shared experts, the router and one
+iteration's LoRA adapters; the ACT halting unit runs in the last k iterations only (at least one).  ``flops_per_token_with_recompute`` adds the forward
 recomputation of the k checkpointed iterations (hardware FLOPs).
 
 KV cache per token (bf16, 2 bytes): MLA stores kv_lora_rank + qk_rope_head_dim per layer per
@@ -106,7 +106,7 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
     params = {
         "embedding": v * d,
         "prelude": cfg.prelude_layers * dense["params"],
-        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, its norm, loop emb, ACT
+        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, prelude norm, loop emb, ACT
         "core": cfg.core_layers * core["params"],
         "coda": cfg.coda_layers * dense["params"],
         "head": d + (0 if cfg.tie_embeddings else v * d),
@@ -118,10 +118,11 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
 
     attn = _attention_score_flops(cfg, seq_len)
     fwd_dense_layer = 2 * dense["active_matmul"] + attn
-    fwd_core_iteration = cfg.core_layers * (2 * core["active_matmul"] + attn) + 2 * (d if cfg.act.enabled else 0)
+    fwd_core_iteration = cfg.core_layers * (2 * core["active_matmul"] + attn)
+    fwd_halting = 2 * d if cfg.act.enabled else 0  # ACT runs in the grad-carrying iterations (at least one)
     fwd_outside_core = n_dense * fwd_dense_layer + 2 * d * d + 2 * d * v  # + injection B, LM head
-    forward = fwd_outside_core + loops * fwd_core_iteration
-    backward = 2 * (fwd_outside_core + backprop_depth * fwd_core_iteration)
+    forward = fwd_outside_core + loops * fwd_core_iteration + max(backprop_depth, 1) * fwd_halting
+    backward = 2 * (fwd_outside_core + backprop_depth * (fwd_core_iteration + fwd_halting))
     recompute = backprop_depth * fwd_core_iteration if cfg.activation_checkpointing else 0
 
     a = cfg.attention

@@ -310,8 +310,9 @@ class Trainer:
             stats = out.stats
 
         applied = self.engine.was_step_applied()
-        # Expert counts are summed over the data-parallel group (TP ranks route the same tokens).
-        load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate,
+        # Expert counts are summed over the data-parallel group (TP ranks route the same tokens);
+        # a skipped (non-finite) step leaves the balance biases alone and its counts are dropped.
+        load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate if applied else 0.0,
                                    all_reduce=lambda counts: dist.all_reduce(counts, group=self.layout.dp_group))
         # Mean of every part over micro-batches and ranks (TP ranks hold equal copies), in one collective.
         names = sorted(sums)
