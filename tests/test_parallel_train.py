@@ -14,7 +14,6 @@ and the layouts that must be refused.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
