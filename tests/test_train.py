@@ -388,6 +388,25 @@ def test_throughput_is_over_the_interval_and_mfu_stays_below_one(tmp_path, tiny_
     assert json.loads((tmp_path / "cache" / "cpu_peak_tflops.json").read_text())
 
 
+def test_a_low_start_up_peak_is_raised_to_what_the_model_sustains(tmp_path, tiny_dataset):
+    """The start-up matmul timed far too low (a machine too busy to show its rate, made here by
+    replacing the measurement): MFU still never exceeds 1, the run says why, and the rate the
+    model sustained is kept as the CPU's peak for later runs."""
+    cache = tmp_path / "cache"
+    command = train_command(tmp_path, [_data(tiny_dataset), "train.name=r", "train.max_steps=6", "train.log_every=3",
+                                       "train.eval_every=0", "train.peak_tflops=0", f"data.cache_dir={cache}"])
+    low_measurement = ("import sys; import mythos_scale.train.metrics as m; m.measure_cpu_matmul_tflops = lambda: 1e-6; "
+                       "from mythos_scale.train.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", low_measurement, *command[3:]], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "above the CPU peak measured at start-up (0.0 GFLOP/s" in proc.stderr
+    rows = {r["step"]: r for r in _rows(tmp_path / "r")}
+    assert all(0 < rows[s]["perf/mfu"] <= 1 for s in (3, 6)), [rows[s]["perf/mfu"] for s in (3, 6)]
+    kept = max(json.loads((cache / "cpu_peak_tflops.json").read_text()).values())
+    assert kept >= max(rows[s]["perf/tflops_per_device"] for s in (3, 6)) * (1 - 1e-9)
+
+
 def test_cpu_peak_is_not_lowered_by_a_busy_machine(tmp_path):
     from mythos_scale.train.metrics import cpu_peak_tflops, measure_cpu_matmul_tflops
 

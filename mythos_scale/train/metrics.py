@@ -54,8 +54,17 @@ def _cpu_name() -> str:
 def cpu_peak_tflops(cache_dir: str | Path) -> float:
     """The best fp32 matmul rate measured on this CPU model with this many threads, now or by any
     earlier run: measured at each start, the best kept in ``<cache_dir>/cpu_peak_tflops.json``."""
-    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     measured = measure_cpu_matmul_tflops()
+    best, path = keep_cpu_peak(cache_dir, measured)
+    log.info("MFU peak per rank: %.1f GFLOP/s, the best fp32 matmul measured on this CPU with %d "
+             "thread(s) (%.1f now; kept in %s)", best * 1e3, torch.get_num_threads(), measured * 1e3, path)
+    return best
+
+
+def keep_cpu_peak(cache_dir: str | Path, tflops: float) -> tuple[float, Path]:
+    """Record ``tflops`` as a rate this CPU (model, thread count, torch) has reached; returns the
+    best rate kept so far and the file that keeps it."""
+    key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     path = Path(cache_dir).expanduser() / "cpu_peak_tflops.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -64,15 +73,13 @@ def cpu_peak_tflops(cache_dir: str | Path) -> float:
             kept = kept if isinstance(kept, dict) else {}
         except (OSError, ValueError):
             kept = {}
-        best = max(measured, float(kept.get(key, 0.0)))
+        best = max(tflops, float(kept.get(key, 0.0)))
         if best > float(kept.get(key, 0.0)):
             kept[key] = best
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
             tmp.write_text(json.dumps(kept, indent=1) + "\n")
             os.replace(tmp, path)
-    log.info("MFU peak per rank: %.1f GFLOP/s, the best fp32 matmul measured on this CPU with %d "
-             "thread(s) (%.1f now; kept in %s)", best * 1e3, torch.get_num_threads(), measured * 1e3, path)
-    return best
+    return best, path
 
 
 def peak_tflops(configured: float, device: torch.device, cache_dir: str | Path) -> float:
