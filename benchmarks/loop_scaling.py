@@ -20,7 +20,9 @@ speed with and without the exit.  Writes ``loop_scaling.json`` (config, per-mode
 loop count, the exit study) and ``loop_scaling.png`` (bits/byte against loops, one line per
 model) under ``--out``, and prints a table.  Extra arguments are config overrides applied to both
 models (``train.loops.backprop_depth=4``...).  On this 2-core CPU, 600 steps of both models take
-about 20-30 minutes; use ``--steps 200`` to explore.
+about 20-30 minutes on a quiet machine; use ``--steps 200`` to explore.  To train the two models in
+parallel, run ``--models looped`` and ``--models single_loop`` in two processes (each with its own
+``--out``) and merge them with ``--combine A/loop_scaling.json B/loop_scaling.json --out DIR``.
 """
 
 from __future__ import annotations
