@@ -20,7 +20,9 @@ speed with and without the exit.  Writes ``loop_scaling.json`` (config, per-mode
 loop count, the exit study) and ``loop_scaling.png`` (bits/byte against loops, one line per
 model) under ``--out``, and prints a table.  Extra arguments are config overrides applied to both
 models (``train.loops.backprop_depth=4``...).  On this 2-core CPU, 600 steps of both models take
-about 20-30 minutes; use ``--steps 200`` to explore.
+about 20-30 minutes on a quiet machine; use ``--steps 200`` to explore.  To train the two models in
+parallel, run ``--models looped`` and ``--models single_loop`` in two processes (each with its own
+``--out``) and merge them with ``--combine A/loop_scaling.json B/loop_scaling.json --out DIR``.
 """
 
 from __future__ import annotations
@@ -167,6 +169,57 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def report(results: dict, out: Path) -> None:
+    """Write ``loop_scaling.json`` (with the target checks) and ``loop_scaling.png`` under ``out``; print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    names, mean, eval_loops = list(results["models"]), results["looped_training_mean"], results["eval_loops"]
+    print(f"\nheld-out bits/byte ({results['eval_sequences']} sequences, {results['eval_tokens']} tokens); "
+          f"training mean T = {mean}")
+    print("loops  " + "  ".join(f"{n:>12}" for n in names))
+    for t in eval_loops:
+        print(f"{t:>5}  " + "  ".join(f"{results['models'][n]['eval'][str(t)]['bits_per_byte']:12.4f}"
+                                     if str(t) in results["models"][n]["eval"] else f"{'-':>12}" for n in names))
+    if "looped" in results["models"]:
+        ev = {int(t): r["bits_per_byte"] for t, r in results["models"]["looped"]["eval"].items()}
+        checks = {"2x mean vs mean (%)": 100 * (ev[2 * mean] / ev[mean] - 1),
+                  "4x mean vs mean (%)": 100 * (ev[4 * mean] / ev[mean] - 1)}
+        if "single_loop" in results["models"]:
+            checks["looped@mean vs single_loop@1 (%)"] = 100 * (
+                ev[mean] / results["models"]["single_loop"]["eval"]["1"]["bits_per_byte"] - 1)
+        results["checks"] = checks
+        for k, v in checks.items():
+            print(f"{k}: {v:+.2f}")
+    (out / "loop_scaling.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "loop_scaling.png")
+    kl = results["models"].get("looped", {}).get("kl_exit")
+    if kl:
+        print(f"\nKL early exit at T = {kl['loops']}: threshold, bits/byte, mean loops (held-out); decoding tokens/s")
+        for row in kl["held_out"]:
+            print(f"{row['exit_threshold']:>8g}  {row['bits_per_byte']:.4f}  {row['mean_loops_used']:.2f}")
+        for row in kl["decode"]:
+            print(f"decode {row['exit_threshold']:>8g}: {row['tokens_per_s']:.1f} tokens/s, {row['mean_loops']:.2f} loops")
+    print(f"wrote {out / 'loop_scaling.json'} and {out / 'loop_scaling.png'}")
+
+
+def combine(paths: list[Path]) -> dict:
+    """One study from runs that each trained some of the models (``--models``), e.g. in parallel
+    processes: same config, steps and held-out set; the training mean is the looped run's."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    for run, path in zip(runs, paths):
+        for key in ("config", "steps", "tokens_per_step", "eval_sequences"):
+            if run[key] != first[key]:
+                raise ValueError(f"{path} has {key} = {run[key]!r}, {paths[0]} has {first[key]!r}")
+    looped = [r for r in runs if "looped" in r["models"]]
+    results = dict(first, overrides=sorted({o for r in runs for o in r["overrides"]}),
+                   looped_training_mean=(looped or runs)[0]["looped_training_mean"],
+                   eval_loops=sorted({t for r in runs for t in r["eval_loops"]}),
+                   models={name: res for r in sorted(runs, key=lambda r: "looped" not in r["models"])
+                           for name, res in r["models"].items()})
+    results.pop("checks", None)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
@@ -179,8 +232,18 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/loop_scaling")
     parser.add_argument("--work-dir", help="run folders (default: a temporary folder, removed at the end)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the trainer's choice, all cores)")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="train nothing: merge the loop_scaling.json of runs that each trained some of the "
+                             "models (--models, e.g. two processes in parallel) into one study under --out")
     parser.add_argument("overrides", nargs="*", help="config overrides for both models, e.g. train.lr=2e-3")
     args = parser.parse_args()
+    if args.combine:
+        try:
+            results = combine(args.combine)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--combine: {err!r}" if isinstance(err, KeyError) else f"--combine: {err}")
+        report(results, Path(args.out))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "streaming"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -231,32 +294,7 @@ def main() -> None:
     if not args.work_dir:
         shutil.rmtree(work)
 
-    (out / "loop_scaling.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "loop_scaling.png")
-    names = list(results["models"])
-    print(f"\nheld-out bits/byte ({n_seq} sequences, {results['eval_tokens']} tokens); training mean T = {mean}")
-    print("loops  " + "  ".join(f"{n:>12}" for n in names))
-    for t in eval_loops:
-        print(f"{t:>5}  " + "  ".join(f"{results['models'][n]['eval'][str(t)]['bits_per_byte']:12.4f}" for n in names))
-    if "looped" in results["models"]:
-        ev = {int(t): r["bits_per_byte"] for t, r in results["models"]["looped"]["eval"].items()}
-        checks = {"2x mean vs mean (%)": 100 * (ev[2 * mean] / ev[mean] - 1),
-                  "4x mean vs mean (%)": 100 * (ev[4 * mean] / ev[mean] - 1)}
-        if "single_loop" in results["models"]:
-            checks["looped@mean vs single_loop@1 (%)"] = 100 * (
-                ev[mean] / results["models"]["single_loop"]["eval"]["1"]["bits_per_byte"] - 1)
-        results["checks"] = checks
-        (out / "loop_scaling.json").write_text(json.dumps(results, indent=2))
-        for k, v in checks.items():
-            print(f"{k}: {v:+.2f}")
-    kl = results["models"].get("looped", {}).get("kl_exit")
-    if kl:
-        print(f"\nKL early exit at T = {kl['loops']}: threshold, bits/byte, mean loops (held-out); decoding tokens/s")
-        for row in kl["held_out"]:
-            print(f"{row['exit_threshold']:>8g}  {row['bits_per_byte']:.4f}  {row['mean_loops_used']:.2f}")
-        for row in kl["decode"]:
-            print(f"decode {row['exit_threshold']:>8g}: {row['tokens_per_s']:.1f} tokens/s, {row['mean_loops']:.2f} loops")
-    print(f"wrote {out / 'loop_scaling.json'} and {out / 'loop_scaling.png'}")
+    report(results, out)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,9 @@ class ModelConfig(_Strict):
     norm_eps: float = Field(1e-6, gt=0)
     sandwich_norm: bool = False
     loop_embedding: Literal["sinusoidal", "learned"] = "sinusoidal"
+    # Initial scale of the loop embedding (sinusoidal: its per-channel gain; learned: the table's
+    # std); None: init_std / 10.
+    loop_embedding_init: float | None = Field(None, ge=0)
     init_std: float = Field(0.02, gt=0)
     activation_checkpointing: bool = True
     # Which implementation of the fused ops to use (see mythos_scale.kernels).

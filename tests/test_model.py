@@ -192,6 +192,23 @@ def test_input_reenters_at_a_scale_that_matters():
     assert (ratio[1:] > 0.2).all() and (ratio[1:] < 3).all(), ratio
 
 
+def test_core_change_tells_a_collapsed_recurrence_from_a_live_one():
+    """``core_change`` (relative change of the core's update c_t = h_{t+1} - z_t between iterations):
+    ~0 when every iteration sees the same input (A_bar at its floor, no loop embedding: z_t = B_bar e
+    for all t), clearly not when the loop embedding makes the iterations differ.  A wrong z_t
+    (e.g. the loop embedding left out) would show a change in the first case."""
+    cfg = small_cfg(injection=dict(a_log_init=12.0))
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():
+        model.loop_embedding.gain.zero_()
+        collapsed = model(tokens(cfg), n_loops=4).stats["core_change"]
+        model.loop_embedding.gain.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        live = model(tokens(cfg), n_loops=4).stats["core_change"]
+    assert collapsed.shape == live.shape == (3,)
+    assert (collapsed < 1e-3).all() and (live > 0.05).all(), (collapsed, live)
+    assert "core_change" not in model(tokens(cfg), n_loops=1).stats
+
+
 def test_a_log_keeps_gradient_at_the_bound():
     """A_bar pressed against a_bar_max still moves A_log (a hard clamp gave it zero gradient)."""
     cfg = small_cfg(injection=dict(a_log_init=-12.0))
@@ -409,6 +426,20 @@ def test_loops_beyond_max(kind):
     assert torch.equal(last, beyond) == (kind == "learned")
     out = model(tokens(cfg), n_loops=cfg.max_loops + 2)
     assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "learned"])
+def test_loop_embedding_init_scale(kind):
+    """``loop_embedding_init`` sets the embedding's initial scale (default init_std / 10), in
+    ``__init__`` and in ``reset_parameters`` alike."""
+    cfg = small_cfg(loop_embedding=kind)
+    default = build_model(cfg, seed=0).loop_embedding(3)
+    scaled_cfg = small_cfg(loop_embedding=kind, loop_embedding_init=0.5)
+    scaled = build_model(scaled_cfg, seed=0).loop_embedding(3)
+    fresh = MythosModel(scaled_cfg).loop_embedding  # not reset: __init__'s value (sinusoidal) or uninitialized
+    assert torch.allclose(scaled, default * (0.5 / (cfg.init_std / 10)), rtol=1e-5)
+    if kind == "sinusoidal":
+        assert torch.equal(fresh(3), scaled)
 
 
 def test_gqa_forward_backward():

@@ -43,7 +43,11 @@ one token per row, every exited token saves its remaining iterations.
 ``stats`` (detached, for logging): ``mean_loops``, ``rho_a_bar``, ``state_token_cos`` and, when
 all positions run all loops, per iteration ``h_norm`` (mean ||h_{t+1}||), ``update_norm``
 (mean ||h_{t+1} - h_t||) and ``state_to_input`` (rms(A_bar h_t) / rms(B_bar e): how loud the
-carried state is against the re-injected input).
+carried state is against the re-injected input) and, from the second iteration on, ``core_change``
+(mean ||c_t - c_{t-1}|| / mean ||c_t|| of the core's update ``c_t = h_{t+1} - z_t``).  A
+``core_change`` near 0 is the collapse the loop-scaling study measured: the core computes the same
+update at every iteration, the state just follows the linear recurrence to ``(B_bar e + c) /
+(1 - A_bar)``, and extra loops change nothing.
 
 Initialization: every matrix ~ N(0, init_std); the projections that write into the residual
 stream (attention output, FFN / expert down projections) use ``init_std / sqrt(2 * L_eff)``
@@ -192,9 +196,9 @@ class MythosModel(nn.Module):
                 module.b.copy_(torch.eye(cfg.dim))
             elif isinstance(module, LoopEmbedding):
                 if module.kind == "sinusoidal":
-                    module.gain.fill_(std / 10)
+                    module.gain.fill_(module.init_scale(cfg))
                 else:
-                    normal(module.table, std / 10)
+                    normal(module.table, module.init_scale(cfg))
         if self.halting is not None:
             self.halting.proj.bias.fill_(cfg.act.halt_bias_init)
 
@@ -310,7 +314,8 @@ class MythosModel(nn.Module):
         aux_total = e.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
-        h_norms, update_norms, state_to_input = [], [], []
+        h_norms, update_norms, state_to_input, core_change = [], [], [], []
+        prev_core = None
         for t in range(loops):
             carries_grad = t >= loops - grad_loops
             with torch.no_grad():
@@ -334,10 +339,18 @@ class MythosModel(nn.Module):
             with torch.no_grad():
                 h_norms.append(h_next.float().norm(dim=-1).mean())
                 update_norms.append((h_next.float() - h.float()).norm(dim=-1).mean())
+                z = a_bar.float() * h.float() + e_inj.float() + self.loop_embedding(t).float()
+                core = h_next.float() - z  # Core_t(z_t): what this iteration computed
+                if prev_core is not None:
+                    core_change.append((core - prev_core).norm(dim=-1).mean()
+                                       / core.norm(dim=-1).mean().clamp_min(1e-12))
+                prev_core = core
             h = h_next
 
         stats = {"h_norm": torch.stack(h_norms), "update_norm": torch.stack(update_norms),
                  "state_to_input": torch.stack(state_to_input)}
+        if core_change:
+            stats["core_change"] = torch.stack(core_change)
         if act is None:
             return _LoopRun(h, torch.full(h.shape[:-1], loops, device=h.device), aux_total,
                             e.new_zeros((), dtype=torch.float32), stats)

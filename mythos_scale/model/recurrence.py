@@ -67,15 +67,19 @@ class LoopEmbedding(nn.Module):
 
     ``sinusoidal``: the fixed encoding of t times a learned per-channel gain; extrapolates past
     max_loops.  ``learned``: a (max_loops, D) table; iterations past max_loops reuse the last row.
-    Both start at scale ``init_std / 10``: the same vector is added to every token, so at the
-    scale of the injected input (~init_std) it would make all positions look alike.
+    Both start at scale ``loop_embedding_init`` (default ``init_std / 10``): the same vector is
+    added to every token, so a large one would make all positions look alike.
     """
+
+    @staticmethod
+    def init_scale(cfg: ModelConfig) -> float:
+        return cfg.init_std / 10 if cfg.loop_embedding_init is None else cfg.loop_embedding_init
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind, self.dim = cfg.loop_embedding, cfg.dim
         if self.kind == "sinusoidal":
-            self.gain = nn.Parameter(torch.full((cfg.dim,), cfg.init_std / 10))
+            self.gain = nn.Parameter(torch.full((cfg.dim,), self.init_scale(cfg)))
         else:
             self.table = nn.Parameter(torch.empty(cfg.max_loops, cfg.dim))
 
