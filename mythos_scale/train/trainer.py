@@ -35,7 +35,7 @@ from mythos_scale.data.manifest import DataError
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
 from mythos_scale.plan import plan_model
-from mythos_scale.train.checkpoint import CheckpointError, Checkpointer, CheckpointWriteError
+from mythos_scale.train.checkpoint import CheckpointError, Checkpointer, CheckpointWriteError, seed_rng
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import MetricsLogger, memory_gib, peak_tflops
 from mythos_scale.train.optim import build_optimizer, lr_at
@@ -106,6 +106,7 @@ class Trainer:
         self.train_loader = build_train_loader(cfg.data, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
 
+        seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, t), config=deepspeed_config(cfg, layout))

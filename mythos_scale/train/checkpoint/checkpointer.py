@@ -156,6 +156,16 @@ def _file_problem(path: Path, entry: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- RNG
 
 
+def seed_rng(seed: int, rank: int) -> None:
+    """Seed this process's global RNGs (Python, NumPy, torch, CUDA) from ``(seed, rank)``: a run
+    is then a function of its config, and so is a resume that does not restore them (another
+    layout).  The trainer draws no random numbers itself; anything that does is reproducible."""
+    rank_seed = seed * 100_003 + rank
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    torch.manual_seed(rank_seed)  # seeds CUDA too
+
+
 def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """This process's RNG states as tensors and safetensors metadata (strings)."""
     tensors = {"rng/torch": torch.get_rng_state()}
@@ -557,6 +567,7 @@ class Checkpointer:
 
             resharded = (f"resharded {tag_dir.name} from {describe(saved)} to {describe(mine)}: fp32 master weights, "
                          f"Adam moments and step ({record['optimizer']['step']}) and the balance biases, per "
-                         f"parameter" + ("" if same_ranks else "; per-rank RNG states not restored (streams of another layout; "
-                            "training draws none: loop counts follow the step, data order the sample position)"))
+                         f"parameter" + ("" if same_ranks else "; per-rank RNG states not restored (streams of another "
+                                         "layout; they follow train.seed and the rank, and training draws none: loop "
+                                         "counts follow the step, data order the sample position)"))
         return ResumePoint(tag=tag_dir.name, step=record["step"], trainer=record["trainer"], resharded=resharded)
