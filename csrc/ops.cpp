@@ -5,12 +5,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mythos, m) {
-  // LTI injection + RMSNorm: out = rmsnorm(a_bar * h + e_inj + loop_emb) * weight, and the
-  // per-row 1/rms (float32, or float64 for float64 inputs) kept for the backward.
+  // LTI injection and the first core block's pre-norm of it: z = a_bar * h + e_inj + loop_emb,
+  // out = rmsnorm(z) * weight, and the per-row 1/rms (float32, or float64 for float64 inputs) kept
+  // for the backward.
   m.def("inject_rmsnorm(Tensor h, Tensor e_inj, Tensor a_bar, Tensor loop_emb, Tensor weight, float eps)"
-        " -> (Tensor out, Tensor rstd)");
-  m.def("inject_rmsnorm_backward(Tensor grad_out, Tensor h, Tensor e_inj, Tensor a_bar, Tensor loop_emb,"
-        " Tensor weight, Tensor rstd) -> (Tensor grad_h, Tensor grad_e_inj, Tensor grad_a_bar,"
+        " -> (Tensor z, Tensor out, Tensor rstd)");
+  m.def("inject_rmsnorm_backward(Tensor grad_z, Tensor grad_out, Tensor h, Tensor e_inj, Tensor a_bar,"
+        " Tensor loop_emb, Tensor weight, Tensor rstd) -> (Tensor grad_h, Tensor grad_e_inj, Tensor grad_a_bar,"
         " Tensor grad_loop_emb, Tensor grad_weight)");
   // One ACT step: (w, cum + w, acc + w * h).
   m.def("act_step(Tensor p, Tensor cum, Tensor acc, Tensor h, float threshold, bool is_last)"

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "plan": ("mythos_scale.plan", "parameters, FLOPs per token and KV-cache size of a config"),
+    "plan": ("mythos_scale.plan", "size a run: parameters, FLOPs, memory, communication, step time, best layout"),
     "data": ("mythos_scale.data.cli", "train a tokenizer, prepare MDS shards, the embedded corpus"),
     "train": ("mythos_scale.train.cli", "pretrain with DeepSpeed (alone or under a launcher)"),
     "plot": ("mythos_scale.train.plots", "PNG plots of a run: loss, loss vs loop count, expert load"),

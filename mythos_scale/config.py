@@ -66,15 +66,33 @@ class MoEConfig(_Strict):
     aux_loss_coef: float = Field(0.0, ge=0)
 
 
+# The largest A_bar bound allowed: bfloat16 (spacing 2^-8 below 1) rounds every float32 from
+# 1 - 2^-9 = 0.998046875 up to 1.0.
+A_BAR_MAX_LIMIT = 0.998
+
+
 class InjectionConfig(_Strict):
-    """Parcae LTI injection: h <- A_bar * h + B_bar e with A_bar = exp(dt * -exp(A_log))."""
+    """Parcae LTI injection ``z = A_bar * h + B_bar e`` with ``B_bar = dt * B`` and
+    ``A_bar = a_bar_min + (a_bar_max - a_bar_min) * exp(-dt * exp(A_log))``, ``dt = softplus(dt_bias)``."""
 
     a_log_init: float = 0.0
     dt_init: float = Field(0.5, gt=0)
-    # Upper clamp of A_bar, strictly below 1 in bf16 as well as fp32 (bf16 spacing near 1
-    # is 2^-8, so anything <= 0.99 stays representable below 1.0).
+    # Bounds of A_bar, approached smoothly (A_log keeps a gradient near them).  a_bar_max must stay
+    # below 1.0 after rounding to bf16, or the recurrence could stop contracting in bf16 compute.
     a_bar_max: float = Field(0.99, gt=0, lt=1)
-    a_bar_min: float = Field(1e-4, gt=0, lt=1)
+    a_bar_min: float = Field(1e-4, ge=0, lt=1)
+    # Training starts the recurrence from h_0 ~ N(0, state_init_std^2) (Huginn, Parcae), so the
+    # core learns to reach its state from anywhere near 0; inference starts from h_0 = 0.
+    state_init_std: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "InjectionConfig":
+        _require(self.a_bar_max <= A_BAR_MAX_LIMIT, "model.injection.a_bar_max",
+                 f"{self.a_bar_max} rounds to 1.0 in bfloat16 (spacing 2^-8 below 1), so A_bar could reach 1 "
+                 f"and the state stop contracting; use at most {A_BAR_MAX_LIMIT}")
+        _require(self.a_bar_min < self.a_bar_max, "model.injection.a_bar_min",
+                 f"({self.a_bar_min}) must be below model.injection.a_bar_max ({self.a_bar_max})")
+        return self
 
 
 class ACTConfig(_Strict):
@@ -230,8 +248,10 @@ class TrainConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    tp: int = Field(1, ge=1)
-    ep: int = Field(1, ge=1)
+    """world = DP x TP; EP is carved out of DP (see mythos_scale.parallel.layout)."""
+
+    tp: int = Field(1, ge=1)  # tensor parallelism: attention heads and dense/shared FFNs split
+    ep: int = Field(1, ge=1)  # expert parallelism: routed experts partitioned over ep ranks
     # A collective that waits longer fails (NCCL: with a flight-recorder dump) instead of hanging.
     timeout_minutes: float = Field(20.0, gt=0)
 
@@ -254,11 +274,44 @@ class Config(_Strict):
                  "train.global_batch_size",
                  f"({self.train.global_batch_size}) must be a multiple of "
                  f"train.micro_batch_size ({self.train.micro_batch_size})")
-        if self.model.moe.enabled:
-            _require(self.model.moe.n_routed_experts % self.parallel.ep == 0, "parallel.ep",
-                     f"ep ({self.parallel.ep}) must divide model.moe.n_routed_experts "
-                     f"({self.model.moe.n_routed_experts})")
+        self._parallel_fits_model()
         return self
+
+    def _parallel_fits_model(self) -> None:
+        """What tp and ep require of the model (what they require of the world: check_layout)."""
+        m, tp, ep = self.model, self.parallel.tp, self.parallel.ep
+        if ep > 1:
+            _require(m.moe.enabled, "parallel.ep", f"ep ({ep}) > 1 needs model.moe.enabled (no experts to partition)")
+            _require(m.moe.n_routed_experts % ep == 0, "parallel.ep",
+                     f"ep ({ep}) must divide model.moe.n_routed_experts ({m.moe.n_routed_experts})")
+        if tp == 1:
+            return
+        _require(m.attention.type == "mla", "parallel.tp",
+                 f"tp ({tp}) > 1 is implemented for model.attention.type=mla only, not {m.attention.type}")
+        _require(m.n_heads % tp == 0, "parallel.tp", f"tp ({tp}) must divide model.n_heads ({m.n_heads})")
+        ffns = {}
+        if m.prelude_layers + m.coda_layers > 0 or not m.moe.enabled:
+            ffns["model.dense_ffn_hidden"] = m.dense_ffn_hidden
+        if m.moe.enabled and m.moe.n_shared_experts:
+            ffns["model.moe.n_shared_experts x expert_hidden"] = m.moe.n_shared_experts * m.moe.expert_hidden
+        for key, hidden in ffns.items():
+            _require(hidden % tp == 0, "parallel.tp", f"tp ({tp}) must divide {key} ({hidden})")
+
+
+def layout_problem(world_size: int, tp: int, ep: int) -> str | None:
+    """Why ``world_size`` ranks cannot be laid out as world = DP x TP with EP carved out of DP
+    (None when they can).  What tp and ep require of the model is checked at load (Config)."""
+    if world_size % tp:
+        return (f"parallel.tp={tp} does not divide the world size {world_size} "
+                f"(world = data-parallel x tensor-parallel)")
+    dp = world_size // tp
+    if ep > dp:
+        return (f"parallel.ep={ep} exceeds the data-parallel size {dp} (world {world_size} / tp {tp}): "
+                f"expert parallelism is carved out of data parallelism, so ep <= {dp}")
+    if dp % ep:
+        return (f"parallel.ep={ep} does not divide the data-parallel size {dp} (world {world_size} / tp {tp}): "
+                f"expert parallelism is carved out of data parallelism")
+    return None
 
 
 # --------------------------------------------------------------------------- loading

@@ -6,7 +6,8 @@ and ``mythos_scale/``, with tiny sizes appended so that the walk takes a minute 
 cores: train lines get the suite's tiny model, 32-token sequences and 3 steps; data lines a
 512-token vocabulary and 32-token sequences.  Not run, and checked to be exactly these:
 ``pip install`` (the suite already runs on the installed package) and the lines that need a GPU
-node, a cluster or a long-running server (``deepspeed --num_gpus 8``, ``sbatch``,
+node, a cluster or a long-running server (``bash launch/gpu_smoke.sh``, which
+tests/test_gpu_path.py runs on the CPU instead, ``deepspeed --num_gpus 8``, ``sbatch``,
 ``tensorboard``).
 """
 
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from conftest import REPO, TINY_TRAIN, subprocess_env
 
-NOT_RUN = {
-    "pip": "installs the package the suite already runs on",
+NOT_RUN = {  # by the line's first words
+    "pip install": "installs the package the suite already runs on",
+    "bash launch/gpu_smoke.sh": "needs a GPU node (tests/test_gpu_path.py runs it on the CPU)",
     "deepspeed": "needs a node with 8 GPUs",
     "sbatch": "needs a Slurm cluster with GPUs",
     "tensorboard": "a server that runs until stopped",
@@ -67,8 +69,9 @@ def test_readme_using_it_lines_work_in_order(tmp_path, tmp_path_factory):
     ran, not_run = [], []
     for line in readme_lines():
         argv = shlex.split(line, comments=True)
-        if argv[0] in NOT_RUN:
-            not_run.append(argv[0])
+        skipped = [prefix for prefix in NOT_RUN if argv[:len(prefix.split())] == prefix.split()]
+        if skipped:
+            not_run += skipped
             continue
         assert argv[0] == "mythos", f"a README line this test does not know how to run: {line}"
         command = [sys.executable, "-m", "mythos_scale.cli", *argv[1:], *tiny_sizes(argv[1:], cache)]

@@ -61,6 +61,14 @@ def test_loop_range(tmp_path):
     assert "train.loops.mean" in msg
 
 
+def test_a_bar_bounds(tmp_path):
+    msg = _error(tmp_path, "model:\n  injection: {a_bar_max: 0.999}\n")
+    assert "model.injection.a_bar_max" in msg and "rounds to 1.0 in bfloat16" in msg
+    assert load_config(None, ["model.injection.a_bar_max=0.998"]).model.injection.a_bar_max == 0.998
+    msg = _error(tmp_path, "model:\n  injection: {a_bar_min: 0.95, a_bar_max: 0.9}\n")
+    assert "model.injection.a_bar_min" in msg and "below" in msg
+
+
 def test_seq_len_beyond_model(tmp_path):
     msg = _error(tmp_path, "model: {max_seq_len: 64}\ndata: {seq_len: 128}\n")
     assert "data.seq_len" in msg

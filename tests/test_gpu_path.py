@@ -14,7 +14,8 @@ reference ops) and data-dependent syncs and CPU tensors raise as well.
 
 Each check is shown to fire (adversarially) on the defects the first GPU review found: a host
 sync in the MoE forward, a CPU tensor in a collective, a CPU tensor mixed in, a scatter-add
-combine.
+combine.  The tensor- and expert-parallel paths are checked the same way (their collectives on
+the device; EP's one host sync per MoE call is where it is said to be).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import _resolve_process_group as resolve_process_group
 from torch._subclasses import FakeTensorMode
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -41,6 +43,7 @@ from mythos_scale.parallel.layout import LaunchError, ParallelLayout, cuda_devic
 from mythos_scale.train.trainer import Trainer, sum_over_ranks
 
 CONFIG = REPO / "configs" / "mythos_770m.yaml"
+wait_tensor_op = torch.ops._c10d_functional.wait_tensor.default
 SEQ = 4096
 aten = torch.ops.aten
 
@@ -63,11 +66,15 @@ class GpuPathChecks(TorchDispatchMode):
         kwargs = kwargs or {}
         leaves = tree_leaves((args, kwargs))
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-        if func.namespace == "c10d":
-            group = next(a for a in leaves if isinstance(a, torch.ScriptObject)
-                         and "ProcessGroup" in a._type().qualified_name())
+        group = None
+        if func.namespace == "c10d":  # torch.distributed's collectives take the group object
+            group = dist.ProcessGroup.unbox(next(a for a in leaves if isinstance(a, torch.ScriptObject)
+                                                 and "ProcessGroup" in a._type().qualified_name()))
+        elif func.namespace.startswith("_c10d_functional") and func is not wait_tensor_op:
+            group = resolve_process_group(leaves[-1])  # functional collectives: the group's name, last
+        if group is not None:
             for t in tensors:
-                dist.ProcessGroup.unbox(group)._get_backend(t.device)
+                group._get_backend(t.device)
             self.collectives += 1
         accumulate = func in ACCUMULATING or (
             func in ACCUMULATING_IF_FLAGGED and (kwargs.get("accumulate") or (len(args) > 3 and args[3])))
@@ -267,6 +274,47 @@ def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_g
         assert model.training  # evaluate switched it back
         with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
             sum_over_ranks([1.0], torch.device("cpu"))  # the old code: CPU tensors in collectives
+
+
+# ---------------------------------------------------------------- TP and EP on fake CUDA
+
+
+def test_tp_and_ep_collectives_on_fake_cuda(cfg, nccl_only_group):
+    """The 770M model with TP and EP applied over the NCCL-like world group (no CPU backend; one
+    rank, so shards are whole): a prelude block's TP forward runs its two all-reduces (attention
+    and FFN outputs) on the device with no host sync.  A core block's EP dispatch exchanges the
+    expert counts on the device, then reads the split sizes: its one host sync per MoE call
+    (``all_to_all_single`` takes them as Python ints).  Given the sizes, the rest of the dispatch
+    (local expert order, token all-to-all) runs on fake CUDA without another."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    from mythos_scale.parallel.ep import local_expert_order, shard_experts
+    from mythos_scale.parallel.tp import shard_tensor_parallel
+
+    group = dist.group.WORLD  # "cuda:gloo": a collective on a CPU tensor fails, as on NCCL
+    model = meta_model(cfg)
+    shard_tensor_parallel(model, 0, 1, group)
+    shard_experts(model, 0, 1, group)
+    mode = FakeTensorMode()
+    with mode:
+        mode.allow_non_fake_inputs = True
+        model.to_empty(device="cuda")
+        mode.allow_non_fake_inputs = False
+        model.reset_parameters()
+    checks = GpuPathChecks()
+    with mode, checks:
+        x = torch.randn(1, SEQ, cfg.model.dim, device="cuda", dtype=torch.bfloat16)
+        assert model.prelude[0](x, model.rope)[0].shape == x.shape
+        assert checks.collectives == 2
+        with pytest.raises(DataDependentOutputException):
+            model.core[0](x, model.rope, loop=0)
+        assert checks.collectives == 2 + 2  # the core attention's all-reduce, then the count exchange
+        experts = model.core[0].ffn.experts.w_gate.shape[0]
+        counts = torch.randint(0, 64, (1, experts), device="cuda")
+        rows, group_end = local_expert_order(counts, SEQ)
+        tokens = all_to_all_single_autograd(x[0], [SEQ], [SEQ], group) + 0
+        assert rows.shape == (SEQ, 1) and group_end.shape == (experts,) and tokens.shape == (SEQ, cfg.model.dim)
+        assert checks.collectives == 5
 
 
 def test_gpu_bound_by_local_rank():

@@ -106,17 +106,35 @@ def test_inject_rmsnorm_promotes_like_reference(fused):
     """bf16 state with fp32 parameters: both compute (and return) fp32."""
     h, e, a, loop, w = _inject_inputs((2, 3, 16))
     args = (h.bfloat16(), e.bfloat16(), a, loop, w, 1e-6)
-    out = fused.inject_rmsnorm(*args)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, reference.inject_rmsnorm(*args))
+    z, out = fused.inject_rmsnorm(*args)
+    assert z.dtype == out.dtype == torch.float32
+    torch.testing.assert_close((z, out), reference.inject_rmsnorm(*args))
 
 
 def test_inject_rmsnorm_bf16_close_to_reference(fused):
     inputs = [t.bfloat16() for t in _inject_inputs((8, 64))]
-    out = fused.inject_rmsnorm(*inputs, 1e-6)
-    ref = reference.inject_rmsnorm(*[t.float() for t in inputs], 1e-6)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=1e-2)
+    z, out = fused.inject_rmsnorm(*inputs, 1e-6)
+    ref_z, ref_out = reference.inject_rmsnorm(*[t.float() for t in inputs], 1e-6)
+    assert z.dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(z.float(), ref_z, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
+    # the norm is of z as returned (rounded once to bf16), as the block that adds to z sees it
+    torch.testing.assert_close(out.float(), reference.inject_rmsnorm(
+        z.float(), torch.zeros_like(ref_z), torch.ones(64), torch.zeros(64), inputs[4].float(), 1e-6)[1],
+        atol=1e-2, rtol=1e-2)
+
+
+def test_inject_rmsnorm_gradient_of_one_output(fused):
+    """Only the normalized copy used, or only z: the unused output's gradient counts as zero."""
+    inputs = _inject_inputs((3, 17))
+    _assert_parity(lambda *t: fused.inject_rmsnorm(*t, 1e-6)[1], lambda *t: reference.inject_rmsnorm(*t, 1e-6)[1],
+                   inputs)
+    h, e, a, loop, w = [t.requires_grad_() for t in inputs]
+    grads = [torch.autograd.grad(op.inject_rmsnorm(h, e, a, loop, w, 1e-6)[0].pow(2).sum(), (h, e, a, loop, w),
+                                 allow_unused=True) for op in (fused, reference)]
+    for f, r in zip(grads[0][:4], grads[1][:4]):
+        torch.testing.assert_close(f, r)
+    assert grads[1][4] is None and torch.count_nonzero(grads[0][4]) == 0  # weight: unused
 
 
 @pytest.mark.parametrize("is_last", [False, True])
@@ -240,8 +258,8 @@ def test_opcheck_all_operators(fused):
 
 def test_torch_compile_forward_and_backward(fused):
     def block(h, e, a, loop, w, up):
-        z = fused.inject_rmsnorm(h, e, a, loop, w, 1e-6)
-        return fused.swiglu(z, up).sum()
+        z, normed = fused.inject_rmsnorm(h, e, a, loop, w, 1e-6)
+        return (z + fused.swiglu(normed, up)).sum()
 
     inputs = [*_inject_inputs((2, 4, 8)), torch.randn(2, 4, 8)]
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
@@ -270,6 +288,38 @@ def test_bad_inputs_name_the_argument(fused):
         fused.apply_rope(torch.randn(1, 4, 2, 6), torch.rand(4, 2), torch.rand(4, 3))
     with pytest.raises(RuntimeError, match="act_step: p must have shape"):
         fused.act_step(torch.rand(3), torch.zeros(4), torch.zeros(4, 2), torch.randn(4, 2), 0.99, False)
+
+
+# ---------------------------------------------------------------- the model on either implementation
+
+@pytest.mark.parametrize("act", [False, True])
+def test_model_with_fused_ops_equals_reference(fused, monkeypatch, act):
+    """The whole RDT (injection + first pre-norm, ACT steps, MoE dispatch, rope, swiglu) on the
+    fused ops: the same loss and gradients as on the reference ops; ACT inference too."""
+    from mythos_scale.config import ModelConfig
+    from mythos_scale.model import build_model
+
+    cfg = ModelConfig(vocab_size=61, dim=32, n_heads=2, max_loops=4, max_seq_len=16, dense_ffn_hidden=32,
+                      lora_rank=2, act=dict(enabled=act, halt_bias_init=0.0),
+                      attention=dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+                      moe=dict(n_routed_experts=4, top_k=2, expert_hidden=16))
+    ids = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(0))
+    results = []
+    for impl in (fused, reference):
+        monkeypatch.setattr(kernels, "_selected", impl)
+        model = build_model(cfg.model_copy(update={"kernels": "fused" if impl is fused else "reference"}), seed=0)
+        out = model(ids[:, :-1], n_loops=3, backprop_depth=2)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten()) + out.ponder_cost
+        loss.backward()
+        with torch.no_grad():
+            inference = model.eval()(ids, n_loops=3)
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, inference))
+    (f_loss, f_grads, f_inf), (r_loss, r_grads, r_inf) = results
+    torch.testing.assert_close(f_loss, r_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in r_grads.items():
+        torch.testing.assert_close(f_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(f_inf.logits, r_inf.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(f_inf.loops_used, r_inf.loops_used)
 
 
 # ---------------------------------------------------------------- selection

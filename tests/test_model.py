@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mythos_scale.config import ModelConfig
 from mythos_scale.kernels import ops
 from mythos_scale.model import MythosModel, build_model
+from mythos_scale.model.moe import RoutedExperts
 from mythos_scale.model.recurrence import ACTAccumulator
 
 torch.set_num_threads(2)
@@ -104,10 +105,115 @@ def test_spectral_radius_below_one_at_extremes(dtype):
 def test_injection_math():
     cfg = small_cfg(injection=dict(a_log_init=0.3, dt_init=0.7))
     model = build_model(cfg, seed=0)
-    expected = torch.exp(torch.tensor(-0.7 * torch.e ** 0.3))
+    inj = cfg.injection
+    expected = inj.a_bar_min + (inj.a_bar_max - inj.a_bar_min) * torch.exp(torch.tensor(-0.7 * torch.e ** 0.3))
     assert torch.allclose(model.injection.a_bar(), expected.expand(cfg.dim), atol=1e-6)
     e = torch.randn(3, cfg.dim)
     assert torch.allclose(model.injection.inject(e), 0.7 * e, atol=1e-5)  # B = I at init
+
+
+def _zero_core_updates(model: MythosModel) -> None:
+    """Zero every projection that writes into the core's residual stream, so ``Core(z) = 0``."""
+    with torch.no_grad():
+        for module in model.core.modules():
+            if getattr(module, "is_output_projection", False):
+                module.weight.zero_()
+            elif isinstance(module, RoutedExperts):
+                module.w_down.zero_()
+
+
+def _force_a_bar(model: MythosModel, a_bar: torch.Tensor) -> None:
+    """Set A_log so that A_bar takes the given per-channel values."""
+    inj = model.injection
+    dt = F.softplus(inj.dt_bias.detach())
+    fraction = (a_bar - inj.a_bar_min) / (inj.a_bar_max - inj.a_bar_min)
+    with torch.no_grad():
+        inj.a_log.copy_(torch.log(-torch.log(fraction) / dt))
+
+
+def test_state_follows_a_bar_as_linear_theory_predicts():
+    """With the core's updates zeroed and no loop embedding, h_T = B_bar e (1 - A^T) / (1 - A) per
+    channel: rho(A_bar) governs the state's scale.  (A norm on z erased it: any A_bar gave one norm.)"""
+    cfg = small_cfg()
+    model = build_model(cfg, seed=0).eval()
+    _zero_core_updates(model)
+    with torch.no_grad():
+        model.loop_embedding.gain.zero_()
+    seen = {}
+    model.prelude_norm.register_forward_hook(lambda m, args, out: seen.__setitem__("e", out))
+    model.coda[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("h", args[0]))
+    ids = tokens(cfg)
+    norms = []
+    for forced in (0.5, 0.9, 0.99):
+        targets = torch.tensor([0.3, forced, 0.7, 0.95]).repeat(cfg.dim // 4)
+        _force_a_bar(model, targets)
+        a_bar = model.injection.a_bar().detach()
+        assert torch.allclose(a_bar, targets, atol=1e-5)
+        for loops in (1, 5, 64):
+            with torch.no_grad():
+                model(ids, n_loops=loops)
+                expected = model.injection.inject(seen["e"]) * (1 - a_bar ** loops) / (1 - a_bar)
+            torch.testing.assert_close(seen["h"], expected, rtol=1e-4, atol=1e-5)
+        norms.append(seen["h"][..., 1::4].norm(dim=-1).mean())  # the channels forced to 0.5 / 0.9 / 0.99
+    assert norms[0] < norms[1] < norms[2]
+    assert torch.allclose(norms[2] / norms[0], torch.tensor((1 - 0.99 ** 64) / 0.01 * 0.5), rtol=1e-3)
+
+
+def test_state_stays_bounded_over_many_loops_in_bf16():
+    """The real core at a large scale, A_bar pressed to 0.9: in bf16 the state norm levels off (its
+    update is bounded: every core block normalizes its input) and tracks the fp32 run."""
+    cfg = small_cfg()
+    model = build_model(cfg, seed=0).eval()
+    _force_a_bar(model, torch.full((cfg.dim,), 0.9))
+    with torch.no_grad():
+        for module in model.core.modules():  # updates 30x the init scale
+            if getattr(module, "is_output_projection", False):
+                module.weight.mul_(30)
+            elif isinstance(module, RoutedExperts):
+                module.w_down.mul_(30)
+    ids = tokens(cfg)
+    with torch.no_grad():
+        fp32 = model(ids, n_loops=96).stats["h_norm"]
+        out = model.to(torch.bfloat16)(ids, n_loops=96)
+    h_norm = out.stats["h_norm"]
+    assert torch.isfinite(out.logits.float()).all() and torch.isfinite(h_norm).all()
+    assert h_norm[48:].max() / h_norm[48:].min() < 1.1  # levelled off, not growing
+    assert h_norm.max() < 2 * h_norm[48]
+    assert torch.allclose(h_norm[-1], fp32[-1], rtol=0.05)
+
+
+def test_input_reenters_at_a_scale_that_matters():
+    """rms(A_bar h_t) / rms(B_bar e) stays O(1) at every iteration (it was ~60 with a norm on z
+    and an unnormalized prelude output)."""
+    cfg = small_cfg()
+    model = build_model(cfg, seed=0)
+    ratio = model(tokens(cfg), n_loops=16).stats["state_to_input"]
+    assert ratio[0] == 0  # h_0 = 0
+    assert (ratio[1:] > 0.2).all() and (ratio[1:] < 3).all(), ratio
+
+
+def test_a_log_keeps_gradient_at_the_bound():
+    """A_bar pressed against a_bar_max still moves A_log (a hard clamp gave it zero gradient)."""
+    cfg = small_cfg(injection=dict(a_log_init=-12.0))
+    model = build_model(cfg, seed=0)
+    a_bar = model.injection.a_bar()
+    assert (a_bar < cfg.injection.a_bar_max).all() and (a_bar > cfg.injection.a_bar_max - 1e-4).all()
+    a_bar.sum().backward()
+    assert (model.injection.a_log.grad != 0).all()
+
+
+def test_injection_parameters_stay_fp32_through_casts():
+    cfg = small_cfg()
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():
+        model.injection.a_log.fill_(0.1234567)  # not representable in bf16
+    model.to(torch.bfloat16)
+    inj = model.injection
+    assert inj.a_log.dtype == inj.dt_bias.dtype == inj.b.dtype == torch.float32
+    assert model.core[0].attn.wo.weight.dtype == torch.bfloat16
+    assert (inj.a_log == torch.tensor(0.1234567)).all()  # kept, not rounded through bf16
+    assert model(tokens(cfg), n_loops=2).logits.dtype == torch.bfloat16
+    assert model.float().injection.a_log.dtype == torch.float32
 
 
 def test_act_weights_sum_to_one_and_remainder():
@@ -142,7 +248,7 @@ def test_act_limits_and_ponder_cost():
         model = build_model(cfg, seed=0).eval()
         model.load_state_dict(plain.state_dict(), strict=False)
         out = model(ids, n_loops=4)
-        assert torch.allclose(out.stats["act_mean_steps"], torch.tensor(loops_run))
+        assert torch.allclose(out.stats["mean_loops"], torch.tensor(loops_run))
         # N steps plus remainder R = 1 (all weight on the halting step)
         assert torch.allclose(out.ponder_cost, torch.tensor(tau * (loops_run + 1.0)), atol=1e-6)
         assert torch.allclose(out.logits, plain(ids, n_loops=equal_to_loops).logits, atol=1e-5)
@@ -155,6 +261,107 @@ def test_ponder_cost_is_differentiable():
     out.ponder_cost.backward()
     assert model.halting.proj.weight.grad.abs().sum() > 0
     assert model.halting.proj.bias.grad.abs() > 0
+
+
+def test_act_trains_under_truncated_backprop():
+    """T=8, k=2, a positive halting bias: every position would halt in the no-grad iterations and
+    hand the loss a constant (zero gradient everywhere).  Halting is decided and charged only in
+    the grad-carrying window, so the core, the prelude and the halting unit all learn."""
+    cfg = small_cfg(max_loops=8, act=dict(enabled=True, halt_bias_init=3.0, ponder_cost=0.01))
+    model = build_model(cfg, seed=0).train()
+    out = model(tokens(cfg)[:, :-1], n_loops=8, backprop_depth=2)
+    assert out.loops_used.min() >= 7 and out.loops_used.max() == 8  # 6 warm-up loops, then 1-2 in the window
+    lm_loss(model, tokens(cfg), n_loops=8, backprop_depth=2).backward()
+    for name in ("core.0.attn.wq.weight", "core.1.ffn.experts.w_up", "prelude.0.attn.wq.weight",
+                 "embed.weight", "halting.proj.weight", "halting.proj.bias"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def _rows_per_core_call(model: MythosModel) -> list[int]:
+    calls: list[int] = []
+    model.core[0].register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+def _split_halting(model: MythosModel, ids: torch.Tensor) -> None:
+    """Point the halting unit so that batch row 0 halts at once and row 1 never halts early."""
+    states = {}
+    model.coda[0].register_forward_pre_hook(lambda m, args: states.__setitem__("h", args[0]))
+    with torch.no_grad():
+        plain = model.halting
+        model.halting = None
+        model(ids, n_loops=1)
+        model.halting = plain
+        h0, h1 = states["h"][0].mean(0), states["h"][1].mean(0)
+        direction = (h0 - h1) / (h0 - h1).norm()
+        scale = 200 / ((states["h"][0] - states["h"][1]) @ direction).min().clamp_min(1e-3)
+        plain.proj.weight.copy_(scale * direction)
+        plain.proj.bias.fill_(-float(scale * direction @ (h0 + h1) / 2))
+
+
+def test_act_inference_skips_halted_positions():
+    cfg = small_cfg(act=dict(enabled=True))
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.stack([torch.full((12,), 5), torch.full((12,), 7)])
+    _split_halting(model, ids)
+    calls = _rows_per_core_call(model)
+    with torch.no_grad():
+        out = model(ids, n_loops=4)
+    assert out.loops_used[0].eq(1).all() and out.loops_used[1].eq(4).all(), out.loops_used
+    assert calls == [2, 1, 1, 1]  # row 0 halted: not computed again
+    assert torch.equal(out.stats["mean_loops"], torch.tensor(2.5))
+
+
+def test_kl_exit():
+    cfg = small_cfg(max_loops=6)
+    model = build_model(cfg, seed=0).eval()
+    ids = tokens(cfg)
+    with torch.no_grad():  # iterations whose predictions differ: a loud loop embedding, sharp logits
+        model.loop_embedding.gain.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        model.embed.weight.mul_(20)
+        plain = model(ids, n_loops=6)
+        never = model(ids, n_loops=6, exit_threshold=0.0)  # KL is never < 0: all loops
+        assert never.loops_used.eq(6).all() and torch.allclose(never.logits, plain.logits, atol=1e-5)
+        always = model(ids, n_loops=6, exit_threshold=1e9)  # every position exits at its first check
+        assert always.loops_used.eq(2).all()
+        assert torch.allclose(always.logits, model(ids, n_loops=2).logits, atol=1e-5)
+        kl = [model(ids, n_loops=6, exit_threshold=tau) for tau in (1e-4, 1e-3, 1e-2, 1e-1)]
+    used = [out.stats["mean_loops"].item() for out in kl]
+    assert used == sorted(used, reverse=True) and used[0] > used[-1], used  # per token, monotone
+    assert any(0 < (out.loops_used < 6).float().mean() < 1 for out in kl)  # some positions exit, some run on
+    with pytest.raises(ValueError, match="model.eval"):
+        model.train()(ids, n_loops=2, exit_threshold=1e-3)
+    with pytest.raises(ValueError, match=">= 0"):
+        model.eval()(ids, n_loops=2, exit_threshold=-1.0)
+    with pytest.raises(ValueError, match="ACT"):
+        build_model(small_cfg(act=dict(enabled=True)), seed=0).eval()(ids, n_loops=2, exit_threshold=1e-3)
+
+
+def test_kl_exit_decoding_skips_exited_tokens():
+    """Token-by-token decoding with the KL exit: each token runs its own number of loops, a batch
+    row whose token has exited is not computed again, and later tokens read the cache slots the
+    exited token's last iteration filled."""
+    cfg = small_cfg(max_loops=6)
+    model = build_model(cfg, seed=0).eval()
+    ids = tokens(cfg, batch=2, seq=10)
+    with torch.no_grad():
+        model.loop_embedding.gain.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        model.embed.weight.mul_(20)
+    calls = _rows_per_core_call(model)
+    cache = model.new_cache(2)
+    used = []
+    with torch.no_grad():
+        model(ids[:, :4], 6, cache=cache, exit_threshold=0.0)
+        calls.clear()
+        for pos in range(4, 10):
+            out = model(ids[:, pos:pos + 1], 6, cache=cache, start_pos=pos, exit_threshold=1e-2)
+            assert torch.isfinite(out.logits).all()
+            used.append(out.loops_used[:, 0])
+    used = torch.stack(used)
+    assert used.min() >= 2 and used.max() <= 6 and used.float().mean() < 6
+    assert sum(calls) == int(used.sum())  # one core row per token and loop actually run
+    assert all(layer.buffers[0][:, 4:10].abs().sum(-1).gt(0).all() for key, layer in cache.layers.items()
+               if key[0] == "core")  # every iteration's slot is filled, computed or copied
 
 
 def test_truncated_backprop_grads_only_last_k_iterations():

@@ -1,5 +1,6 @@
-"""`mythos plan`: parameter counts equal the built model, FLOPs agree with torch's FLOP counter,
-KV-cache figures follow the MLA formula and match a real cache."""
+"""`mythos plan`'s counts: parameters equal the built model, FLOPs agree with torch's FLOP
+counter, KV-cache figures follow the MLA formula and match a real cache; the TP/EP split of
+both sums to them; the activation formula matches the tensors autograd really saves."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from mythos_scale.config import load_config
 from mythos_scale.model import MythosModel, build_model
 from mythos_scale.plan import main, plan_model
+from mythos_scale.plan.layout import Runtime
+from mythos_scale.plan.memory import block_saved, saved_bytes_per_token
+from mythos_scale.plan.sharding import model_parts
 from test_model import small_cfg, tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,23 +117,108 @@ def test_770m_config_is_770m():
     assert plan["params_total"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tp_ep_parts_sum_to_the_counts(variant):
+    """Split + replicated + routed parameters and per-token FLOPs equal plan_model's totals, and
+    TP divides exactly the split part."""
+    cfg = small_cfg(**variant)
+    plan = plan_model(cfg, loops=3, backprop_depth=2, seq_len=16)
+    parts = model_parts(cfg, seq_len=16)
+    assert parts.params.total == plan["params_total"]
+    assert parts.params.routed == plan["params_routed_experts"]
+    step = parts.step_flops_per_token(cfg, loops=3, backprop_depth=2, recompute=False)
+    assert step.total == step.per_gpu(1) == plan["flops_per_token"]
+    recompute = parts.step_flops_per_token(cfg, loops=3, backprop_depth=2, recompute=True)
+    assert recompute.total - step.total == 2 * parts.core_iteration_flops.total
+    assert step.per_gpu(2) == step.total - step.split / 2 and step.split > 0
+
+
+def _saved_bytes_by_part(model: MythosModel, ids: torch.Tensor) -> dict[str, int]:
+    """Bytes of the distinct storages autograd saves during a forward with 1 loop, attributed
+    to the prelude / core / coda block running when they were saved (else "other")."""
+    static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen, by_part, current = set(), {}, ["other"]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key not in static:
+            seen.add(key)
+            by_part[current[0]] = by_part.get(current[0], 0) + t.untyped_storage().nbytes()
+        return t
+
+    for part in ("prelude", "core", "coda"):
+        for block in getattr(model, part):
+            block.register_forward_pre_hook(lambda *_, part=part: current.__setitem__(0, part))
+            block.register_forward_hook(lambda *_: current.__setitem__(0, "other"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, n_loops=1, backprop_depth=1)
+    return by_part
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_activation_formula_matches_saved_tensors(variant):
+    """The planner's per-block activation bytes (fp32, the reference ops) are within 10% of what
+    autograd saves for the real model: a prelude block, a coda block, one core iteration."""
+    cfg = small_cfg(activation_checkpointing=False, kernels="reference", **variant)
+    model = build_model(cfg, seed=0).train()
+    batch, seq = 2, 16
+    measured = _saved_bytes_by_part(model, tokens(cfg, batch=batch, seq=seq))
+    rt = Runtime(device="cpu", compute_bytes=4, fused_kernels=False, z_loss=False, reduce_bucket_size=1,
+                 multi_rank_bucket_allreduce=True, overlap_comm=False)
+    per_token = {part: value / (batch * seq) for part, value in measured.items()}
+    dense = saved_bytes_per_token(cfg, rt)["dense_block"]
+    assert per_token["prelude"] / cfg.prelude_layers == pytest.approx(dense, rel=0.10)
+    assert per_token["coda"] / cfg.coda_layers == pytest.approx(dense, rel=0.10)
+    core = cfg.core_layers * block_saved(cfg, rt, core=True)
+    assert per_token["core"] == pytest.approx(core, rel=0.10)
+
+
 def test_cli_json_and_table(capsys):
     config = str(REPO / "configs" / "tiny_cpu.yaml")
     assert main(["--config", config, "--loops", "6", "--backprop-depth", "2", "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out)
     for key in ("params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token",
                 "kv_cache_bytes_per_token_mha"):
-        assert key in plan
-    assert (plan["loops"], plan["backprop_depth"]) == (6, 2)
-    assert main(["--config", config, "model.dim=64"]) == 0
+        assert key in out["model"]
+    assert (out["model"]["loops"], out["model"]["backprop_depth"]) == (6, 2)
+    plan = out["plan"]
+    assert plan["layout"]["dp"] == 8 and plan["layout"]["micro_batch"] == 2 and plan["fits"] and plan["memory"]["peak"] > plan["memory"]["static_total"]
+    assert plan["time_s"]["step"] > plan["time_s"]["compute"] > 0 and 0 < plan["mfu"] < 1
+    assert main(["--config", config, "--nodes", "2", "--gpu", "a100", "model.dim=64", "--global-batch", "16",
+                 "--micro-batch", "1"]) == 0
     table = capsys.readouterr().out
-    assert "params total" in table and "KV cache per token" in table
+    for line in ("params total", "KV cache per token", "memory per GPU", "dp: gradients", "throughput",
+                 "token budget"):
+        assert line in table
+    assert "2 x 8 A100 SXM 80GB" in table
 
 
-def test_cli_errors_exit_2(tmp_path):
+def test_cli_search_json(capsys):
+    config = str(REPO / "configs" / "tiny_cpu.yaml")
+    assert main(["--config", config, "--nodes", "1", "--search", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    speeds = [p["tokens_per_s"] for p in out["fits"]]
+    assert speeds and speeds == sorted(speeds, reverse=True)
+    assert all(p["fits"] for p in out["fits"]) and out["rejected"]
+    assert main(["--config", config, "--search", "--top", "3"]) == 0
+    assert "fastest first" in capsys.readouterr().out
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  dimm: 3\n")
     proc = subprocess.run([sys.executable, "-m", "mythos_scale.cli", "plan", "--config", str(bad)],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "model.dimm" in proc.stderr
     assert main(["--loops", "2", "--backprop-depth", "3"]) == 2
+    config = str(REPO / "configs" / "mythos_770m.yaml")
+    assert main(["--config", config, "--nodes", "16", "--micro-batch", "4"]) == 2   # 4 x DP 128 > 256
+    assert "global batch 256 is not a multiple of micro-batch 4 x DP 128" in capsys.readouterr().err
+    assert main(["--config", config, "--tp", "3"]) == 2
+    assert main(["--config", config, "--dp", "4", "--tp", "4"]) == 2
+    assert main(["--config", config, "--micro-batch", "1", "--tp", "8", "--ep", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--tp 3 does not divide" in err and "EP 3 > DP 1" in err and "--dp 4 x --tp 4 must equal" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gpu", "tpu"])
+    assert exit_info.value.code == 2

@@ -1,4 +1,4 @@
-// CPU kernels of the recurrence: LTI injection fused with RMSNorm, and the ACT step.
+// CPU kernels of the recurrence: the LTI injection fused with the first core block's pre-norm, and the ACT step.
 // One pass over each row; rows are split across threads with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
@@ -15,63 +15,67 @@ namespace {
 // block size keeps the summation order independent of the thread count.
 constexpr int64_t kRowsPerBlock = 64;
 
-std::tuple<at::Tensor, at::Tensor> inject_rmsnorm_cpu(const at::Tensor& h_in, const at::Tensor& e_in,
-                                                      const at::Tensor& a_in, const at::Tensor& loop_in,
-                                                      const at::Tensor& w_in, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inject_rmsnorm_cpu(const at::Tensor& h_in, const at::Tensor& e_in,
+                                                                  const at::Tensor& a_in, const at::Tensor& loop_in,
+                                                                  const at::Tensor& w_in, double eps) {
   check_inject_rmsnorm(h_in, e_in, a_in, loop_in, w_in);
   const at::Tensor h = h_in.contiguous(), e = e_in.contiguous(), a = a_in.contiguous(),
                    loop = loop_in.contiguous(), w = w_in.contiguous();
   const int64_t dim = h.size(-1), rows = h.numel() / dim;
-  at::Tensor out = at::empty_like(h);
+  at::Tensor z = at::empty_like(h), out = at::empty_like(h);
   at::Tensor rstd = at::empty(h.sizes().slice(0, h.dim() - 1), h.options().dtype(at::toOpMathType(h.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "inject_rmsnorm_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t *hp = h.data_ptr<scalar_t>(), *ep = e.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(),
                    *lp = loop.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t *zp = z.data_ptr<scalar_t>(), *op = out.data_ptr<scalar_t>();
     acc_t* rp = rstd.data_ptr<acc_t>();
     at::parallel_for(0, rows, cpu_row_grain(dim), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(dim);
+      std::vector<acc_t> zrow(dim);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t *hr = hp + r * dim, *er = ep + r * dim;
+        scalar_t* zr = zp + r * dim;
         acc_t sum_sq = 0;
         _Pragma("omp simd reduction(+ : sum_sq)")
         for (int64_t c = 0; c < dim; ++c) {
-          const acc_t zc = acc_t(ap[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(lp[c]);
-          z[c] = zc;
+          // The norm sees z as stored (rounded to scalar_t), exactly like the reference.
+          const acc_t zc = acc_t(scalar_t(acc_t(ap[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(lp[c])));
+          zrow[c] = zc;
+          zr[c] = scalar_t(zc);
           sum_sq += zc * zc;
         }
         const acc_t inv_rms = acc_t(1) / std::sqrt(sum_sq / acc_t(dim) + acc_t(eps));
         rp[r] = inv_rms;
         scalar_t* orow = op + r * dim;
         _Pragma("omp simd")
-        for (int64_t c = 0; c < dim; ++c) orow[c] = scalar_t(z[c] * inv_rms * acc_t(wp[c]));
+        for (int64_t c = 0; c < dim; ++c) orow[c] = scalar_t(zrow[c] * inv_rms * acc_t(wp[c]));
       }
     });
   });
-  return {out, rstd};
+  return {z, out, rstd};
 }
 
-// z = a*h + e + loop, n = z * rstd, out = n * w.
-// grad_z = rstd * (g*w - n * mean(g*w*n)); grad_h = a * grad_z; grad_e = grad_z;
-// column sums: grad_a = sum(grad_z * h), grad_loop = sum(grad_z), grad_w = sum(g * n).
+// z = a*h + e + loop (an output itself: the block's residual stream), n = z * rstd, out = n * w.
+// grad_z_total = grad_z + rstd * (g*w - n * mean(g*w*n)); grad_h = a * grad_z_total; grad_e = grad_z_total;
+// column sums: grad_a = sum(grad_z_total * h), grad_loop = sum(grad_z_total), grad_w = sum(g * n).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inject_rmsnorm_backward_cpu(
-    const at::Tensor& g_in, const at::Tensor& h_in, const at::Tensor& e_in, const at::Tensor& a_in,
-    const at::Tensor& loop_in, const at::Tensor& w_in, const at::Tensor& rstd_in) {
+    const at::Tensor& gz_in, const at::Tensor& g_in, const at::Tensor& h_in, const at::Tensor& e_in,
+    const at::Tensor& a_in, const at::Tensor& loop_in, const at::Tensor& w_in, const at::Tensor& rstd_in) {
   check_inject_rmsnorm(h_in, e_in, a_in, loop_in, w_in);
-  TORCH_CHECK(g_in.sizes() == h_in.sizes(), "mythos::inject_rmsnorm_backward: grad_out has shape ", g_in.sizes(),
-              " but h has shape ", h_in.sizes());
-  const at::Tensor g = g_in.contiguous().to(h_in.scalar_type()), h = h_in.contiguous(), e = e_in.contiguous(),
-                   a = a_in.contiguous(), loop = loop_in.contiguous(), w = w_in.contiguous(),
-                   rstd = rstd_in.contiguous();
+  TORCH_CHECK(g_in.sizes() == h_in.sizes() && gz_in.sizes() == h_in.sizes(),
+              "mythos::inject_rmsnorm_backward: grad_z and grad_out must have the shape of h, ", h_in.sizes());
+  const at::Tensor gz = gz_in.contiguous().to(h_in.scalar_type()), g = g_in.contiguous().to(h_in.scalar_type()),
+                   h = h_in.contiguous(), e = e_in.contiguous(), a = a_in.contiguous(),
+                   loop = loop_in.contiguous(), w = w_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t dim = h.size(-1), rows = h.numel() / dim;
   const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   at::Tensor grad_h = at::empty_like(h), grad_e = at::empty_like(h);
   at::Tensor partial = at::zeros({std::max<int64_t>(blocks, 1), 3, dim}, rstd.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "inject_rmsnorm_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const scalar_t *gp = g.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *ep = e.data_ptr<scalar_t>(),
-                   *ap = a.data_ptr<scalar_t>(), *lp = loop.data_ptr<scalar_t>(), *wp = w.data_ptr<scalar_t>();
+    const scalar_t *gzp = gz.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(),
+                   *ep = e.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(), *lp = loop.data_ptr<scalar_t>(),
+                   *wp = w.data_ptr<scalar_t>();
     const acc_t* rp = rstd.data_ptr<acc_t>();
     scalar_t *ghp = grad_h.data_ptr<scalar_t>(), *gep = grad_e.data_ptr<scalar_t>();
     acc_t* pp = partial.data_ptr<acc_t>();
@@ -80,12 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inject_rm
       for (int64_t b = block_begin; b < block_end; ++b) {
         acc_t *sum_a = pp + b * 3 * dim, *sum_loop = sum_a + dim, *sum_w = sum_loop + dim;
         for (int64_t r = b * kRowsPerBlock; r < std::min(rows, (b + 1) * kRowsPerBlock); ++r) {
-          const scalar_t *gr = gp + r * dim, *hr = hp + r * dim, *er = ep + r * dim;
+          const scalar_t *gzr = gzp + r * dim, *gr = gp + r * dim, *hr = hp + r * dim, *er = ep + r * dim;
           const acc_t inv_rms = rp[r];
           acc_t dot = 0;
           _Pragma("omp simd reduction(+ : dot)")
           for (int64_t c = 0; c < dim; ++c) {
-            const acc_t nc = (acc_t(ap[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(lp[c])) * inv_rms;
+            const acc_t zc = acc_t(scalar_t(acc_t(ap[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(lp[c])));
+            const acc_t nc = zc * inv_rms;
             const acc_t gwc = acc_t(gr[c]) * acc_t(wp[c]);
             n[c] = nc;
             gw[c] = gwc;
@@ -95,11 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inject_rm
           scalar_t *ghr = ghp + r * dim, *ger = gep + r * dim;
           _Pragma("omp simd")
           for (int64_t c = 0; c < dim; ++c) {
-            const acc_t gz = inv_rms * (gw[c] - n[c] * mean_dot);
-            ger[c] = scalar_t(gz);
-            ghr[c] = scalar_t(acc_t(ap[c]) * gz);
-            sum_a[c] += gz * acc_t(hr[c]);
-            sum_loop[c] += gz;
+            const acc_t gzc = acc_t(gzr[c]) + inv_rms * (gw[c] - n[c] * mean_dot);
+            ger[c] = scalar_t(gzc);
+            ghr[c] = scalar_t(acc_t(ap[c]) * gzc);
+            sum_a[c] += gzc * acc_t(hr[c]);
+            sum_loop[c] += gzc;
             sum_w[c] += acc_t(gr[c]) * n[c];
           }
         }

@@ -1,4 +1,4 @@
-// CUDA kernels of the recurrence: LTI injection fused with RMSNorm, and the ACT step.
+// CUDA kernels of the recurrence: the LTI injection fused with the first core block's pre-norm, and the ACT step.
 // One block per row (the row sums are block reductions); the column gradients of the injection
 // (a_bar, loop_emb, weight) go through fixed per-block partial sums, so results are deterministic.
 #include "launch.cuh"
@@ -6,56 +6,67 @@
 namespace mythos {
 namespace {
 
+// z = a*h + e + loop (stored, and normalized as stored), out = rmsnorm(z) * w.
+template <typename scalar_t, typename acc_t>
+__device__ inline acc_t injected(const scalar_t* a, const scalar_t* hr, const scalar_t* er, const scalar_t* loop,
+                                 int64_t c) {
+  return acc_t(scalar_t(acc_t(a[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(loop[c])));
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void inject_rmsnorm_kernel(const scalar_t* __restrict__ h, const scalar_t* __restrict__ e,
                                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ loop,
                                       const scalar_t* __restrict__ w, acc_t eps, int64_t dim,
-                                      scalar_t* __restrict__ out, acc_t* __restrict__ rstd) {
+                                      scalar_t* __restrict__ z, scalar_t* __restrict__ out,
+                                      acc_t* __restrict__ rstd) {
   const int64_t row = blockIdx.x;
   const scalar_t *hr = h + row * dim, *er = e + row * dim;
+  scalar_t* zrow = z + row * dim;
   acc_t sum_sq = 0;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
-    const acc_t z = acc_t(a[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(loop[c]);
-    sum_sq += z * z;
+    const acc_t zc = injected<scalar_t, acc_t>(a, hr, er, loop, c);
+    zrow[c] = scalar_t(zc);
+    sum_sq += zc * zc;
   }
   const acc_t inv_rms = acc_t(1) / ::sqrt(block_sum(sum_sq) / acc_t(dim) + eps);
   if (threadIdx.x == 0) rstd[row] = inv_rms;
   scalar_t* orow = out + row * dim;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
-    const acc_t z = acc_t(a[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(loop[c]);
-    orow[c] = scalar_t(z * inv_rms * acc_t(w[c]));
+    orow[c] = scalar_t(acc_t(zrow[c]) * inv_rms * acc_t(w[c]));  // each thread rereads its own columns
   }
 }
 
 // Block b handles rows [b * rows_per_block, ...) and owns partial[b] (3 x dim): thread t owns
 // columns t, t + blockDim, ... of it, so the accumulation needs no atomics.
+// grad_z_total = grad_z + rstd * (g*w - n * mean(g*w*n)).
 template <typename scalar_t, typename acc_t>
 __global__ void inject_rmsnorm_backward_kernel(
-    const scalar_t* __restrict__ g, const scalar_t* __restrict__ h, const scalar_t* __restrict__ e,
-    const scalar_t* __restrict__ a, const scalar_t* __restrict__ loop, const scalar_t* __restrict__ w,
-    const acc_t* __restrict__ rstd, int64_t rows, int64_t dim, int64_t rows_per_block,
-    scalar_t* __restrict__ grad_h, scalar_t* __restrict__ grad_e, acc_t* __restrict__ partial) {
+    const scalar_t* __restrict__ gz, const scalar_t* __restrict__ g, const scalar_t* __restrict__ h,
+    const scalar_t* __restrict__ e, const scalar_t* __restrict__ a, const scalar_t* __restrict__ loop,
+    const scalar_t* __restrict__ w, const acc_t* __restrict__ rstd, int64_t rows, int64_t dim,
+    int64_t rows_per_block, scalar_t* __restrict__ grad_h, scalar_t* __restrict__ grad_e,
+    acc_t* __restrict__ partial) {
   acc_t* sum_a = partial + blockIdx.x * 3 * dim;
   acc_t *sum_loop = sum_a + dim, *sum_w = sum_loop + dim;
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) sum_a[c] = sum_loop[c] = sum_w[c] = acc_t(0);
   const int64_t first = blockIdx.x * rows_per_block, last = min(rows, first + rows_per_block);
   for (int64_t row = first; row < last; ++row) {
-    const scalar_t *gr = g + row * dim, *hr = h + row * dim, *er = e + row * dim;
+    const scalar_t *gzr = gz + row * dim, *gr = g + row * dim, *hr = h + row * dim, *er = e + row * dim;
     const acc_t inv_rms = rstd[row];
     acc_t dot = 0;
     for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
-      const acc_t n = (acc_t(a[c]) * acc_t(hr[c]) + acc_t(er[c]) + acc_t(loop[c])) * inv_rms;
+      const acc_t n = injected<scalar_t, acc_t>(a, hr, er, loop, c) * inv_rms;
       dot += acc_t(gr[c]) * acc_t(w[c]) * n;
     }
     const acc_t mean_dot = block_sum(dot) / acc_t(dim);
     for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
       const acc_t hc = acc_t(hr[c]), gc = acc_t(gr[c]);
-      const acc_t n = (acc_t(a[c]) * hc + acc_t(er[c]) + acc_t(loop[c])) * inv_rms;
-      const acc_t gz = inv_rms * (gc * acc_t(w[c]) - n * mean_dot);
-      grad_e[row * dim + c] = scalar_t(gz);
-      grad_h[row * dim + c] = scalar_t(acc_t(a[c]) * gz);
-      sum_a[c] += gz * hc;
-      sum_loop[c] += gz;
+      const acc_t n = injected<scalar_t, acc_t>(a, hr, er, loop, c) * inv_rms;
+      const acc_t gzc = acc_t(gzr[c]) + inv_rms * (gc * acc_t(w[c]) - n * mean_dot);
+      grad_e[row * dim + c] = scalar_t(gzc);
+      grad_h[row * dim + c] = scalar_t(acc_t(a[c]) * gzc);
+      sum_a[c] += gzc * hc;
+      sum_loop[c] += gzc;
       sum_w[c] += gc * n;
     }
   }
@@ -104,37 +115,38 @@ __global__ void act_step_backward_kernel(const scalar_t* __restrict__ grad_w, co
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> inject_rmsnorm_cuda(const at::Tensor& h_in, const at::Tensor& e_in,
-                                                       const at::Tensor& a_in, const at::Tensor& loop_in,
-                                                       const at::Tensor& w_in, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inject_rmsnorm_cuda(const at::Tensor& h_in, const at::Tensor& e_in,
+                                                                   const at::Tensor& a_in, const at::Tensor& loop_in,
+                                                                   const at::Tensor& w_in, double eps) {
   check_inject_rmsnorm(h_in, e_in, a_in, loop_in, w_in);
   const c10::cuda::CUDAGuard guard(h_in.device());
   const at::Tensor h = h_in.contiguous(), e = e_in.contiguous(), a = a_in.contiguous(),
                    loop = loop_in.contiguous(), w = w_in.contiguous();
   const int64_t dim = h.size(-1), rows = h.numel() / dim;
-  at::Tensor out = at::empty_like(h);
+  at::Tensor z = at::empty_like(h), out = at::empty_like(h);
   at::Tensor rstd = at::empty(h.sizes().slice(0, h.dim() - 1), h.options().dtype(at::toOpMathType(h.scalar_type())));
-  if (rows == 0) return {out, rstd};
+  if (rows == 0) return {z, out, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "inject_rmsnorm_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     inject_rmsnorm_kernel<scalar_t, acc_t><<<rows, row_threads(dim), 0, current_stream()>>>(
         h.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), loop.data_ptr<scalar_t>(),
-        w.data_ptr<scalar_t>(), acc_t(eps), dim, out.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>());
+        w.data_ptr<scalar_t>(), acc_t(eps), dim, z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        rstd.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out, rstd};
+  return {z, out, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inject_rmsnorm_backward_cuda(
-    const at::Tensor& g_in, const at::Tensor& h_in, const at::Tensor& e_in, const at::Tensor& a_in,
-    const at::Tensor& loop_in, const at::Tensor& w_in, const at::Tensor& rstd_in) {
+    const at::Tensor& gz_in, const at::Tensor& g_in, const at::Tensor& h_in, const at::Tensor& e_in,
+    const at::Tensor& a_in, const at::Tensor& loop_in, const at::Tensor& w_in, const at::Tensor& rstd_in) {
   check_inject_rmsnorm(h_in, e_in, a_in, loop_in, w_in);
-  TORCH_CHECK(g_in.sizes() == h_in.sizes(), "mythos::inject_rmsnorm_backward: grad_out has shape ", g_in.sizes(),
-              " but h has shape ", h_in.sizes());
+  TORCH_CHECK(g_in.sizes() == h_in.sizes() && gz_in.sizes() == h_in.sizes(),
+              "mythos::inject_rmsnorm_backward: grad_z and grad_out must have the shape of h, ", h_in.sizes());
   const c10::cuda::CUDAGuard guard(h_in.device());
-  const at::Tensor g = g_in.contiguous().to(h_in.scalar_type()), h = h_in.contiguous(), e = e_in.contiguous(),
-                   a = a_in.contiguous(), loop = loop_in.contiguous(), w = w_in.contiguous(),
-                   rstd = rstd_in.contiguous();
+  const at::Tensor gz = gz_in.contiguous().to(h_in.scalar_type()), g = g_in.contiguous().to(h_in.scalar_type()),
+                   h = h_in.contiguous(), e = e_in.contiguous(), a = a_in.contiguous(),
+                   loop = loop_in.contiguous(), w = w_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t dim = h.size(-1), rows = h.numel() / dim;
   // Enough blocks to fill the GPU a few times over; each sums its rows' column gradients.
   const int64_t sms = multiprocessor_count(h.device());
@@ -147,9 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> inject_rm
       using acc_t = acc_type<scalar_t>;
       inject_rmsnorm_backward_kernel<scalar_t, acc_t>
           <<<blocks, row_threads(dim), 0, current_stream()>>>(
-              g.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-              loop.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(), rows, dim, rows_per_block,
-              grad_h.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), partial.data_ptr<acc_t>());
+              gz.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
+              a.data_ptr<scalar_t>(), loop.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), rstd.data_ptr<acc_t>(),
+              rows, dim, rows_per_block, grad_h.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(),
+              partial.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

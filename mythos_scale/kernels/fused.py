@@ -41,13 +41,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------- public ops (reference signatures)
 
-def inject_rmsnorm(h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor,
-                   loop_emb: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``rmsnorm(a_bar * h + e_inj + loop_emb) * weight`` in one pass."""
+def inject_rmsnorm(h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop_emb: torch.Tensor,
+                   weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z = a_bar * h + e_inj + loop_emb`` and ``rmsnorm(z) * weight`` in one pass."""
     dtype = _common_dtype(h, e_inj, a_bar, loop_emb, weight)
-    out, _ = _ops.inject_rmsnorm(h.to(dtype), e_inj.to(dtype), a_bar.to(dtype), loop_emb.to(dtype),
-                                 weight.to(dtype), eps)
-    return out
+    z, out, _ = _ops.inject_rmsnorm(h.to(dtype), e_inj.to(dtype), a_bar.to(dtype), loop_emb.to(dtype),
+                                    weight.to(dtype), eps)
+    return z, out
 
 
 def act_step(p: torch.Tensor, cum: torch.Tensor, acc: torch.Tensor, h: torch.Tensor,
@@ -82,11 +82,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _inject_rmsnorm_setup(ctx, inputs, output) -> None:
     h, e_inj, a_bar, loop_emb, weight, _eps = inputs
-    ctx.save_for_backward(h, e_inj, a_bar, loop_emb, weight, output[1])
+    ctx.save_for_backward(h, e_inj, a_bar, loop_emb, weight, output[2])
 
 
-def _inject_rmsnorm_backward(ctx, grad_out, _grad_rstd):
-    return (*_ops.inject_rmsnorm_backward(grad_out, *ctx.saved_tensors), None)
+def _inject_rmsnorm_backward(ctx, grad_z, grad_out, _grad_rstd):
+    return (*_ops.inject_rmsnorm_backward(grad_z, grad_out, *ctx.saved_tensors), None)
 
 
 def _act_step_setup(ctx, inputs, output) -> None:
@@ -164,11 +164,11 @@ torch.library.register_autograd("mythos::apply_rope", _apply_rope_backward, setu
 
 @torch.library.register_fake("mythos::inject_rmsnorm")
 def _inject_rmsnorm_fake(h, e_inj, a_bar, loop_emb, weight, eps):
-    return h.new_empty(h.shape), h.new_empty(h.shape[:-1], dtype=_acc_dtype(h.dtype))
+    return h.new_empty(h.shape), h.new_empty(h.shape), h.new_empty(h.shape[:-1], dtype=_acc_dtype(h.dtype))
 
 
 @torch.library.register_fake("mythos::inject_rmsnorm_backward")
-def _inject_rmsnorm_backward_fake(grad_out, h, e_inj, a_bar, loop_emb, weight, rstd):
+def _inject_rmsnorm_backward_fake(grad_z, grad_out, h, e_inj, a_bar, loop_emb, weight, rstd):
     return (h.new_empty(h.shape), h.new_empty(h.shape), a_bar.new_empty(a_bar.shape),
             loop_emb.new_empty(loop_emb.shape), weight.new_empty(weight.shape))
 

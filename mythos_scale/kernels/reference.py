@@ -9,15 +9,18 @@ import torch
 import torch.nn.functional as F
 
 
-def inject_rmsnorm(h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor,
-                   loop_emb: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LTI injection then RMSNorm: ``rmsnorm(a_bar * h + e_inj + loop_emb) * weight``.
+def inject_rmsnorm(h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop_emb: torch.Tensor,
+                   weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LTI injection, then the first core block's pre-norm of it.  Returns ``(z, rmsnorm(z) * weight)``
+    with ``z = a_bar * h + e_inj + loop_emb``.
 
     h, e_inj: (..., D); a_bar, loop_emb, weight: (D,).  ``e_inj = B_bar e`` is computed once
-    per forward and reused by every loop iteration.
+    per forward and reused by every loop iteration.  ``z`` is the residual stream the core block
+    adds to (the state stays linear in h: no norm on z itself); the normalized copy is the block's
+    attention input.
     """
     z = a_bar * h + e_inj + loop_emb
-    return F.rms_norm(z, (z.shape[-1],), weight, eps)
+    return z, F.rms_norm(z, (z.shape[-1],), weight, eps)
 
 
 def act_step(p: torch.Tensor, cum: torch.Tensor, acc: torch.Tensor, h: torch.Tensor,

@@ -50,12 +50,15 @@ class MLA(nn.Module):
     ``absorb=True`` the query is folded into the latent space (``q_nope W_UK``) so attention
     runs directly against cached ``c_KV`` as one shared key/value head, and ``W_UV`` is applied
     to the attended latent per head before the output projection.
+
+    The forward takes the number of heads from the projections' shapes, never from the config:
+    under tensor parallelism this module holds ``n_heads / tp`` of them.
     """
 
     def __init__(self, cfg: ModelConfig, n_loops: int = 0) -> None:
         super().__init__()
         a = cfg.attention
-        self.n_heads = cfg.n_heads
+        n_heads = cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.kv_rank = a.kv_lora_rank
         self.scale = (self.nope_dim + self.rope_dim) ** -0.5
@@ -65,7 +68,7 @@ class MLA(nn.Module):
         def proj(i: int, o: int, target: str | None) -> LoopLinear:
             return LoopLinear(i, o, n_loops if target in targets else 0, lora)
 
-        q_out = self.n_heads * (self.nope_dim + self.rope_dim)
+        q_out = n_heads * (self.nope_dim + self.rope_dim)
         if a.q_lora_rank > 0:
             self.wq_a = proj(cfg.dim, a.q_lora_rank, None)
             self.q_norm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
@@ -74,8 +77,8 @@ class MLA(nn.Module):
             self.wq = proj(cfg.dim, q_out, "q")
         self.wkv_a = proj(cfg.dim, self.kv_rank + self.rope_dim, "kv")
         self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
-        self.wkv_b = proj(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), None)
-        self.wo = proj(self.n_heads * self.v_dim, cfg.dim, "o")
+        self.wkv_b = proj(self.kv_rank, n_heads * (self.nope_dim + self.v_dim), None)
+        self.wo = proj(n_heads * self.v_dim, cfg.dim, "o")
         self.wo.is_output_projection = True
 
     def _query(self, x: torch.Tensor, loop: int | None) -> torch.Tensor:
@@ -83,11 +86,17 @@ class MLA(nn.Module):
             return self.wq(x, loop)
         return self.wq_b(self.q_norm(self.wq_a(x, loop)), loop)
 
+    def _shared_rope_key(self, k_rope: torch.Tensor) -> torch.Tensor:
+        """The rope key as all of this module's heads use it (one tensor for every head).  The
+        tensor-parallel pass overrides this: a rank's heads contribute only part of its gradient."""
+        return k_rope
+
     def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None,
                 cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
         bsz, seq, _ = x.shape
         cos, sin = rope(start_pos, seq)
-        q = self._query(x, loop).view(bsz, seq, self.n_heads, self.nope_dim + self.rope_dim)
+        q = self._query(x, loop).view(bsz, seq, -1, self.nope_dim + self.rope_dim)
+        n_heads = q.shape[2]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = ops().apply_rope(q_rope, cos, sin)
         c_kv, k_rope = self.wkv_a(x, loop).split([self.kv_rank, self.rope_dim], dim=-1)
@@ -96,7 +105,7 @@ class MLA(nn.Module):
         if cache is not None:
             c_kv, k_rope = cache.update(start_pos, c_kv, k_rope)
         ctx = c_kv.shape[1]
-        w_kv_b = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_kv_b = self.wkv_b.weight.view(n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)
         if cache is not None and absorb:
             q_latent = torch.einsum("bshd,hdr->bhsr", q_nope, w_uk)
@@ -105,12 +114,13 @@ class MLA(nn.Module):
             out_latent = _attend(query, key, c_kv.unsqueeze(1), start_pos, self.scale)
             out = torch.einsum("bhsr,hvr->bshv", out_latent, w_uv)
         else:
-            kv = self.wkv_b(c_kv).view(bsz, ctx, self.n_heads, self.nope_dim + self.v_dim)
+            kv = self.wkv_b(c_kv).view(bsz, ctx, n_heads, self.nope_dim + self.v_dim)
             k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-            k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)
+            k_rope = self._shared_rope_key(k_rope).unsqueeze(2).expand(-1, -1, n_heads, -1)
+            k = torch.cat((k_nope, k_rope), dim=-1)
             query = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
             out = _attend(query, k.transpose(1, 2), v.transpose(1, 2), start_pos, self.scale).transpose(1, 2)
-        return self.wo(out.reshape(bsz, seq, self.n_heads * self.v_dim), loop)
+        return self.wo(out.reshape(bsz, seq, n_heads * self.v_dim), loop)
 
 
 class GQA(nn.Module):
@@ -118,28 +128,28 @@ class GQA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_loops: int = 0) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.attention.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        n_heads, n_kv_heads = cfg.n_heads, cfg.attention.n_kv_heads
+        self.head_dim = cfg.dim // n_heads
         targets, lora = cfg.lora_targets, cfg.lora_rank
 
         def proj(i: int, o: int, target: str) -> LoopLinear:
             return LoopLinear(i, o, n_loops if target in targets else 0, lora)
 
-        self.wq = proj(cfg.dim, self.n_heads * self.head_dim, "q")
-        self.wkv = proj(cfg.dim, 2 * self.n_kv_heads * self.head_dim, "kv")
-        self.wo = proj(self.n_heads * self.head_dim, cfg.dim, "o")
+        self.wq = proj(cfg.dim, n_heads * self.head_dim, "q")
+        self.wkv = proj(cfg.dim, 2 * n_kv_heads * self.head_dim, "kv")
+        self.wo = proj(n_heads * self.head_dim, cfg.dim, "o")
         self.wo.is_output_projection = True
 
     def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None,
                 cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
         bsz, seq, _ = x.shape
         cos, sin = rope(start_pos, seq)
-        q = ops().apply_rope(self.wq(x, loop).view(bsz, seq, self.n_heads, self.head_dim), cos, sin)
-        k, v = self.wkv(x, loop).view(bsz, seq, 2 * self.n_kv_heads, self.head_dim).chunk(2, dim=2)
+        q = ops().apply_rope(self.wq(x, loop).view(bsz, seq, -1, self.head_dim), cos, sin)
+        k, v = self.wkv(x, loop).view(bsz, seq, -1, self.head_dim).chunk(2, dim=2)
         k = ops().apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        group = self.n_heads // self.n_kv_heads
+        group = q.shape[2] // k.shape[2]
         k = k.repeat_interleave(group, dim=2) if group > 1 else k
         v = v.repeat_interleave(group, dim=2) if group > 1 else v
         out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos, self.head_dim ** -0.5)

@@ -40,11 +40,18 @@ class LoopLinear(nn.Module):
             self.lora_a = nn.Parameter(torch.empty(n_loops, rank, in_features))
             self.lora_b = nn.Parameter(torch.zeros(n_loops, out_features, rank))
 
+    def adapter(self, loop: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A_t, B_t)`` for iteration ``loop``, or None (no adapters, or outside the core)."""
+        if self.lora_a is None or loop is None:
+            return None
+        t = min(loop, self.lora_a.shape[0] - 1)
+        return self.lora_a[t], self.lora_b[t]
+
     def forward(self, x: torch.Tensor, loop: int | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        if self.lora_a is not None and loop is not None:
-            t = min(loop, self.lora_a.shape[0] - 1)
-            y = y + F.linear(F.linear(x, self.lora_a[t]), self.lora_b[t])
+        lora = self.adapter(loop)
+        if lora is not None:
+            y = y + F.linear(F.linear(x, lora[0]), lora[1])
         return y
 
 

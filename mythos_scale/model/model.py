@@ -1,15 +1,49 @@
 """The Recurrent-Depth Transformer: Prelude -> looped Core (LTI injection, MLA + DeepSeekMoE,
 depth-wise LoRA, optional ACT) -> Coda -> RMSNorm -> LM head.
 
-Call it as ``model(input_ids, n_loops=T, backprop_depth=k)``.  ``n_loops`` defaults to
-``model.default_loops = max(1, max_loops // 2)``; ``backprop_depth=None`` backpropagates through
-all T iterations, otherwise the first ``T - k`` run under ``torch.no_grad()``.  With
-``cfg.activation_checkpointing`` each grad-carrying iteration is checkpointed
-(``use_reentrant=False``), so activation memory grows with k, not T.
+The recurrence (DESIGN.md section 1, Parcae)::
 
-Incremental decoding: ``cache = model.new_cache(batch_size)``, then
-``model(prompt, T, cache=cache)`` followed by ``model(next_tokens, T, cache=cache, start_pos=n)``
-with the same T; the logits equal those of one full forward over the whole sequence.
+    e = RMSNorm(Prelude(embed(x)))                      # normalized input, B_bar e computed once
+    h_0 = 0 (training: N(0, injection.state_init_std^2))
+    z_t = A_bar * h_t + B_bar e + loop_emb(t)            # linear in h: no norm on z
+    h_{t+1} = z_t + Core_t(z_t)                          # pre-norm blocks normalize their own inputs
+    logits = head(Coda(h_T))                             # ACT: Coda(sum_t w_t h_{t+1})
+
+Since rho(A_bar) < 1 and the core's update is bounded, the state is bounded for any T; with the
+core's updates at zero it is exactly ``B_bar e (1 - A_bar^T) / (1 - A_bar)``.
+
+API (what ``mythos eval`` / ``mythos generate`` build on)::
+
+    out = model(input_ids, n_loops=T, backprop_depth=k, cache=None, start_pos=0, exit_threshold=None)
+
+- ``n_loops`` (default ``model.default_loops = max(1, max_loops // 2)``): the loop count T.
+- ``backprop_depth`` (training): the first ``T - k`` iterations run under ``torch.no_grad()``
+  (None: all T carry gradient).  With ``cfg.activation_checkpointing`` each grad-carrying
+  iteration is checkpointed, so activation memory grows with k, not T.  ACT halts and charges
+  its ponder cost only in those k iterations, where the gradient flows.
+- ``cache`` / ``start_pos``: incremental decoding.  ``cache = model.new_cache(batch_size)``, then
+  ``model(prompt, T, cache=cache)`` and ``model(next_tokens, T, cache=cache, start_pos=n)`` with
+  the same T; the logits equal those of one full forward over the whole sequence (with an ACT
+  exit too; with the KL exit, see below).
+- ``exit_threshold`` (inference, models without ACT): Huginn's per-token KL exit.  After each
+  iteration the coda and head predict from the current states, and a position stops once
+  ``KL(p_t || p_{t-1}) < exit_threshold`` (nats; Huginn uses ~5e-4).  0 runs all T loops.  The
+  exit check of a position sees its neighbours' current states, so a full-sequence call and
+  token-by-token decoding can exit at slightly different iterations.
+- ACT models (``model.act.enabled``) in ``eval()`` mode halt per token by their halting unit.
+
+Early exit, either way, is per token: an exited position's state is frozen (ACT: its weighted
+sum), and the later iterations of the other positions see the keys/values of its last computed
+iteration (Huginn's KV sharing; in a cache those entries are copied into the later iterations'
+slots).  Batch rows whose positions have all exited are not computed any further: when decoding
+one token per row, every exited token saves its remaining iterations.
+
+``out`` is a :class:`ModelOutput`: ``logits`` (B, S, V); ``moe_aux_loss`` and ``ponder_cost``
+(scaled, zero when unused); ``loops_used`` (B, S) int64, the iterations each position ran; and
+``stats`` (detached, for logging): ``mean_loops``, ``rho_a_bar``, ``state_token_cos`` and, when
+all positions run all loops, per iteration ``h_norm`` (mean ||h_{t+1}||), ``update_norm``
+(mean ||h_{t+1} - h_t||) and ``state_to_input`` (rms(A_bar h_t) / rms(B_bar e): how loud the
+carried state is against the re-injected input).
 
 Initialization: every matrix ~ N(0, init_std); the projections that write into the residual
 stream (attention output, FFN / expert down projections) use ``init_std / sqrt(2 * L_eff)``
@@ -24,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -36,7 +71,8 @@ from mythos_scale.model.attention import build_attention
 from mythos_scale.model.cache import KVCache
 from mythos_scale.model.layers import DenseFFN, LoopLinear, RMSNorm, RotaryTable
 from mythos_scale.model.moe import MoE, RoutedExperts
-from mythos_scale.model.recurrence import ACTAccumulator, HaltingUnit, LoopEmbedding, LTIInjection
+from mythos_scale.model.recurrence import (ACTAccumulator, FrozenKV, HaltingUnit, LoopEmbedding, LTIInjection,
+                                          kl_divergence)
 
 
 @dataclass
@@ -47,7 +83,18 @@ class ModelOutput:
     logits: torch.Tensor
     moe_aux_loss: torch.Tensor
     ponder_cost: torch.Tensor
+    loops_used: torch.Tensor  # (batch, seq) int64: loop iterations each position ran
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _LoopRun(NamedTuple):
+    """What the loop hands the coda: the states, the loops each position ran, and loss terms."""
+
+    out: torch.Tensor
+    loops_used: torch.Tensor
+    moe_aux: torch.Tensor
+    ponder_cost: torch.Tensor
+    stats: dict[str, torch.Tensor]
 
 
 class Block(nn.Module):
@@ -64,12 +111,13 @@ class Block(nn.Module):
             self.attn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.ffn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None, cache: KVCache | None = None,
-                cache_key: tuple = (), start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Returns ``(x, moe_aux_loss, expert_counts)``; the last two are None for a dense FFN."""
-        layer_cache = cache.layer(cache_key) if cache is not None else None
-        absorb = cache.absorb if cache is not None else True
-        a = self.attn(self.attn_norm(x), rope, loop, layer_cache, start_pos, absorb)
+    def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None, kv=None, start_pos: int = 0,
+                absorb: bool = True, normed: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``kv``: this attention's cache (a LayerCache or a stand-in) or None; ``normed``: the
+        attention input ``attn_norm(x)`` when already computed (the fused injection does).
+        Returns ``(x, moe_aux_loss, expert_counts)``; the last two are None for a dense FFN."""
+        a = self.attn(self.attn_norm(x) if normed is None else normed, rope, loop, kv, start_pos, absorb)
         x = x + (self.attn_post_norm(a) if self.sandwich else a)
         aux = counts = None
         if isinstance(self.ffn, MoE):
@@ -89,8 +137,8 @@ class MythosModel(nn.Module):
         self.rope = RotaryTable(rope_dim, cfg.max_seq_len, cfg.attention.rope_theta)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.prelude = nn.ModuleList(Block(cfg, core=False) for _ in range(cfg.prelude_layers))
+        self.prelude_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.injection = LTIInjection(cfg)
-        self.inject_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.loop_embedding = LoopEmbedding(cfg)
         self.core = nn.ModuleList(Block(cfg, core=True) for _ in range(cfg.core_layers))
         self.halting = HaltingUnit(cfg) if cfg.act.enabled else None
@@ -136,7 +184,7 @@ class MythosModel(nn.Module):
             elif isinstance(module, LTIInjection):
                 inj = cfg.injection
                 module.a_log.fill_(inj.a_log_init)
-                module.dt_bias.fill_(inj.dt_init + math.log(-math.expm1(-inj.dt_init)))
+                module.dt_bias.fill_(module.dt_bias_for(inj.dt_init))
                 module.b.copy_(torch.eye(cfg.dim))
             elif isinstance(module, LoopEmbedding):
                 if module.kind == "sinusoidal":
@@ -165,23 +213,42 @@ class MythosModel(nn.Module):
         x = self.norm(x)
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
-    def _iterate(self, h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop: int,
-                 cache: KVCache | None, start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One loop iteration: inject + normalize, then the R shared core blocks.
+    @staticmethod
+    def _kv(cache: KVCache | None, key: tuple, rows: torch.Tensor | None = None):
+        return cache.layer(key).select(rows) if cache is not None else None
+
+    def _dense_stack(self, x: torch.Tensor, blocks: nn.ModuleList, part: str, cache: KVCache | None,
+                     start_pos: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        absorb = cache.absorb if cache is not None else True
+        for i, block in enumerate(blocks):
+            x, _, _ = block(x, self.rope, None, self._kv(cache, (part, i), rows), start_pos, absorb)
+        return x
+
+    def _coda_logits(self, h: torch.Tensor, cache: KVCache | None, start_pos: int,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self._head(self._dense_stack(h, self.coda, "coda", cache, start_pos, rows))
+
+    def _iterate(self, h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop: int, kv: list | None,
+                 start_pos: int, absorb: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One loop iteration ``h -> z + Core(z)``, ``z = A_bar h + B_bar e + loop_emb(t)``: the injection
+        is fused with the first block's attention pre-norm; ``z`` itself is not normalized.  ``kv``:
+        one cache (or stand-in) per core layer, or None.
         Returns ``(h_next, summed moe aux loss, expert counts (R, E) or empty)``."""
-        x = ops().inject_rmsnorm(h, e_inj, a_bar, self.loop_embedding(loop).to(h.dtype),
-                                 self.inject_norm.weight, self.cfg.norm_eps)
+        first = self.core[0]
+        x, normed = ops().inject_rmsnorm(h, e_inj, a_bar, self.loop_embedding(loop).to(h.dtype),
+                                         first.attn_norm.weight, self.cfg.norm_eps)
         aux = h.new_zeros((), dtype=torch.float32)
         counts = []
         for i, block in enumerate(self.core):
-            x, block_aux, block_counts = block(x, self.rope, loop, cache, ("core", loop, i), start_pos)
+            x, block_aux, block_counts = block(x, self.rope, loop, kv[i] if kv is not None else None, start_pos,
+                                               absorb, normed if i == 0 else None)
             if block_aux is not None:
                 aux = aux + block_aux
                 counts.append(block_counts)
         return x, aux, torch.stack(counts) if counts else h.new_zeros(0)
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, backprop_depth: int | None = None,
-                cache: KVCache | None = None, start_pos: int = 0) -> ModelOutput:
+                cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         loops = self.default_loops if n_loops is None else n_loops
@@ -190,32 +257,71 @@ class MythosModel(nn.Module):
         grad_loops = loops if backprop_depth is None else backprop_depth
         if not 0 <= grad_loops <= loops:
             raise ValueError(f"backprop_depth must be in [0, n_loops={loops}], got {backprop_depth}")
+        if exit_threshold is not None:
+            if self.training:
+                raise ValueError("exit_threshold (the KL early exit) is for inference: call model.eval() first")
+            if self.halting is not None:
+                raise ValueError("exit_threshold: this model halts by ACT (model.act.enabled); "
+                                 "the KL exit applies to models without ACT")
+            if exit_threshold < 0:
+                raise ValueError(f"exit_threshold must be >= 0 (0 = run all loops), got {exit_threshold}")
         if cache is not None:
             cache.bind_loops(loops)
-        outer_grad = torch.is_grad_enabled()
 
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.prelude):
-            x, _, _ = block(x, self.rope, None, cache, ("prelude", i), start_pos)
-        e_inj = self.injection.inject(x).to(x.dtype)
+        e = self.prelude_norm(self._dense_stack(self.embed(input_ids), self.prelude, "prelude", cache, start_pos))
+        e_inj = self.injection.inject(e).to(e.dtype)
         a_bar = self.injection.a_bar()
-        a_bar_c = a_bar.to(x.dtype)
+        if not self.training and (self.halting is not None or exit_threshold is not None):
+            run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), loops, cache, start_pos, exit_threshold)
+        else:
+            run = self._loops(e, e_inj, a_bar.to(e.dtype), loops, grad_loops, cache, start_pos)
+        stats = dict(run.stats, rho_a_bar=a_bar.detach().max(), mean_loops=run.loops_used.float().mean())
+        with torch.no_grad():
+            if run.out.shape[1] > 1:
+                stats["state_token_cos"] = F.cosine_similarity(run.out[:, 1:].float(), run.out[:, :-1].float(),
+                                                               dim=-1).mean()
+        moe_aux_loss = run.moe_aux / max(1, grad_loops * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
+        return ModelOutput(logits=self._coda_logits(run.out, cache, start_pos), moe_aux_loss=moe_aux_loss,
+                           ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats)
 
-        h = torch.zeros_like(x)
-        act = ACTAccumulator(x, self.cfg.act.threshold) if self.halting is not None else None
-        aux_total = x.new_zeros((), dtype=torch.float32)
-        h_norms, update_norms = [], []
+    def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        std = self.cfg.injection.state_init_std
+        if self.training and std > 0:
+            return torch.randn_like(e) * std
+        return torch.zeros_like(e)
+
+    def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int, grad_loops: int,
+               cache: KVCache | None, start_pos: int) -> _LoopRun:
+        """All positions run all ``loops`` iterations (training, and inference without early exit).
+
+        Truncated backprop: the first ``loops - grad_loops`` run without grad.  ACT halts and charges
+        only in the grad-carrying window (its last iteration at least): a position halted in the
+        no-grad part would hand the loss a constant and cut every gradient, halting included.
+        """
+        outer_grad = torch.is_grad_enabled()
+        absorb = cache.absorb if cache is not None else True
+        h = self._initial_state(e)
+        act_start = min(loops - grad_loops, loops - 1)
+        act = ACTAccumulator(e, self.cfg.act.threshold) if self.halting is not None else None
+        aux_total = e.new_zeros((), dtype=torch.float32)
+        with torch.no_grad():
+            input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
+        h_norms, update_norms, state_to_input = [], [], []
         for t in range(loops):
             carries_grad = t >= loops - grad_loops
+            with torch.no_grad():
+                state_to_input.append((a_bar * h).float().pow(2).mean().sqrt() / input_rms)
             with torch.set_grad_enabled(outer_grad and carries_grad):
                 if self.cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                    h_next, aux, counts = checkpoint(self._iterate, h, e_inj, a_bar_c, t, None, start_pos,
+                    h_next, aux, counts = checkpoint(self._iterate, h, e_inj, a_bar, t, None, start_pos,
                                                      use_reentrant=False)
                 else:
-                    h_next, aux, counts = self._iterate(h, e_inj, a_bar_c, t, cache, start_pos)
+                    kv = ([self._kv(cache, ("core", t, i)) for i in range(len(self.core))]
+                          if cache is not None else None)
+                    h_next, aux, counts = self._iterate(h, e_inj, a_bar, t, kv, start_pos, absorb)
                 if carries_grad:
                     aux_total = aux_total + aux
-                if act is not None:
+                if act is not None and t >= act_start:
                     act.step(self.halting(h_next), h_next, is_last=t == loops - 1)
             if self.training and counts.numel():
                 depth = min(t, self.cfg.max_loops - 1)
@@ -227,22 +333,69 @@ class MythosModel(nn.Module):
             h = h_next
 
         stats = {"h_norm": torch.stack(h_norms), "update_norm": torch.stack(update_norms),
-                 "rho_a_bar": a_bar.detach().max()}
-        if act is not None:
-            out = act.acc.to(x.dtype)
-            ponder_cost = self.cfg.act.ponder_cost * act.ponder()
-            stats["act_mean_steps"] = act.steps.mean().detach()
-        else:
-            out = h
-            ponder_cost = x.new_zeros((), dtype=torch.float32)
-        with torch.no_grad():
-            if out.shape[1] > 1:
-                stats["state_token_cos"] = F.cosine_similarity(out[:, 1:].float(), out[:, :-1].float(), dim=-1).mean()
+                 "state_to_input": torch.stack(state_to_input)}
+        if act is None:
+            return _LoopRun(h, torch.full(h.shape[:-1], loops, device=h.device), aux_total,
+                            e.new_zeros((), dtype=torch.float32), stats)
+        return _LoopRun(act.acc.to(e.dtype), (act_start + act.steps).long(), aux_total,
+                        self.cfg.act.ponder_cost * act.ponder(), stats)
 
-        for i, block in enumerate(self.coda):
-            out, _, _ = block(out, self.rope, None, cache, ("coda", i), start_pos)
-        moe_aux_loss = aux_total / max(1, grad_loops * len(self.core)) if self.cfg.moe.enabled else aux_total
-        return ModelOutput(logits=self._head(out), moe_aux_loss=moe_aux_loss, ponder_cost=ponder_cost, stats=stats)
+    @torch.no_grad()
+    def _adaptive_loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int,
+                        cache: KVCache | None, start_pos: int, exit_threshold: float | None,
+                        ) -> _LoopRun:
+        """Inference with per-token early exit: ACT halting, or the KL exit (Huginn) when
+        ``KL(p_t || p_{t-1}) < exit_threshold`` between the output distributions of two successive
+        iterations.  An exited position stops: its state is frozen and later iterations of the
+        others see its last keys/values (:class:`FrozenKV`).  Batch rows whose positions have all
+        exited are dropped from the computation (with one token per row, as when decoding, that is
+        per token).  Returns the frozen states (ACT: the weighted ones) and the loops each ran."""
+        bsz = e.shape[0]
+        absorb = cache.absorb if cache is not None else False
+        h = torch.zeros_like(e)
+        running = torch.ones(e.shape[:-1], dtype=torch.bool, device=e.device)
+        loops_used = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
+        act = ACTAccumulator(e, self.cfg.act.threshold) if self.halting is not None else None
+        kv_last: list[list[torch.Tensor] | None] = [None] * len(self.core)
+        prev_logp = None
+        for t in range(loops):
+            row_running = running.any(dim=1)
+            rows = row_running.nonzero().squeeze(1)  # a host sync: the point is to skip work
+            if cache is not None and rows.numel() < bsz:  # finished rows keep their last entries
+                done = (~row_running).nonzero().squeeze(1)
+                for i, last in enumerate(kv_last):
+                    cache.layer(("core", t, i)).write(start_pos, *[k[done] for k in last], rows=done)
+            if rows.numel() == 0:
+                continue
+            subset = None if rows.numel() == bsz else rows
+            pick = (lambda x: x) if subset is None else (lambda x: x[rows])
+            views = [FrozenKV(~pick(running), None if last is None else [pick(k) for k in last],
+                              cache.layer(("core", t, i)) if cache is not None else None, subset)
+                     for i, last in enumerate(kv_last)]
+            h_new, _, _ = self._iterate(pick(h), pick(e_inj), a_bar, t, views, start_pos, absorb)
+            for i, view in enumerate(views):
+                if kv_last[i] is None:
+                    kv_last[i] = view.new
+                else:
+                    for full, new in zip(kv_last[i], view.new):
+                        full[rows] = new
+            live = pick(running)
+            h[rows] = torch.where(live.unsqueeze(-1), h_new, pick(h))
+            loops_used[rows] += live.long()
+            if act is not None:
+                halts = act.step(self.halting(h_new), h_new, is_last=t == loops - 1, rows=rows)
+                running[rows] = live & ~halts
+            elif t < loops - 1:  # the KL exit: compare this iteration's prediction with the last one's
+                logp = F.log_softmax(self._coda_logits(h[rows], cache, start_pos, subset).float(), dim=-1)
+                if prev_logp is None:
+                    prev_logp = logp
+                else:
+                    running[rows] = live & ~(kl_divergence(logp, prev_logp[rows]) < exit_threshold)
+                    prev_logp[rows] = logp
+        zero = e.new_zeros((), dtype=torch.float32)
+        if act is None:
+            return _LoopRun(h, loops_used, zero, zero, {})
+        return _LoopRun(act.acc.to(e.dtype), loops_used, zero, self.cfg.act.ponder_cost * act.ponder(), {})
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> MythosModel:

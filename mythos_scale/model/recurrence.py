@@ -16,29 +16,50 @@ from mythos_scale.model.layers import sinusoidal
 class LTIInjection(nn.Module):
     """Parcae's stable injection ``z = A_bar * h + B_bar e``, zero-order-hold discretized.
 
-    ``A = -exp(A_log)`` (diagonal), ``dt = softplus(dt_bias)``, ``A_bar = exp(dt * A)`` clamped to
-    ``[a_bar_min, a_bar_max]`` (a_bar_max < 1 is representable below 1.0 in bf16, so
-    rho(A_bar) < 1 holds in the compute dtype too), ``B_bar = dt * B`` with ``B`` identity-init.
-    All of it is computed in fp32 whatever the parameters' storage dtype.
+    ``dt = softplus(dt_bias)``, ``B_bar = dt * B`` (``B`` identity-init), and the diagonal
+    ``A_bar = a_min + (a_max - a_min) * exp(-dt * exp(A_log))``: ZOH's ``exp(dt * A)`` with
+    ``A = -exp(A_log)``, mapped smoothly into ``(a_bar_min, a_bar_max)``.  A hard clamp would cut
+    the gradient of A_log wherever it binds; this bound keeps it (it only fades like the
+    exponential itself) and holds in every dtype, since a_bar_max rounds below 1.0 even in bf16
+    (checked by the config).  So rho(A_bar) < 1: with the core's update bounded (its blocks
+    normalize their own inputs), the state stays bounded over any number of loops.
+
+    A_log, dt_bias and B stay float32 when the module is cast (``model.bfloat16()``): they set the
+    recurrence's decay, where bf16's 3 significant digits would be felt over many loops.
+    Everything here is computed in float32.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inj = cfg.injection
         self.a_bar_min, self.a_bar_max = inj.a_bar_min, inj.a_bar_max
-        self.a_log = nn.Parameter(torch.full((cfg.dim,), inj.a_log_init))
-        dt_bias = inj.dt_init + math.log(-math.expm1(-inj.dt_init))  # inverse softplus
-        self.dt_bias = nn.Parameter(torch.full((cfg.dim,), dt_bias))
-        self.b = nn.Parameter(torch.eye(cfg.dim))
+        fp32 = dict(dtype=torch.float32)  # whatever the default dtype the model is built under
+        self.a_log = nn.Parameter(torch.full((cfg.dim,), inj.a_log_init, **fp32))
+        self.dt_bias = nn.Parameter(torch.full((cfg.dim,), self.dt_bias_for(inj.dt_init), **fp32))
+        self.b = nn.Parameter(torch.eye(cfg.dim, **fp32))
+
+    @staticmethod
+    def dt_bias_for(dt: float) -> float:
+        """The dt_bias giving ``softplus(dt_bias) = dt`` (inverse softplus)."""
+        return dt + math.log(-math.expm1(-dt))
 
     def a_bar(self) -> torch.Tensor:
         dt = F.softplus(self.dt_bias.float())
-        return torch.exp(-dt * torch.exp(self.a_log.float())).clamp(self.a_bar_min, self.a_bar_max)
+        decay = torch.exp(-dt * torch.exp(self.a_log.float()))
+        return self.a_bar_min + (self.a_bar_max - self.a_bar_min) * decay
 
     def inject(self, e: torch.Tensor) -> torch.Tensor:
         """``B_bar e`` in fp32, shape of ``e``; computed once per forward, reused by every iteration."""
         dt = F.softplus(self.dt_bias.float())
         return F.linear(e.float(), self.b.float()) * dt
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: p.data for name, p in self.named_parameters(recurse=False)}
+        super()._apply(fn, recurse)
+        for name, p in self.named_parameters(recurse=False):
+            if p.dtype != torch.float32:  # a dtype cast: keep the float32 values, on the new device
+                p.data = p.data.float() if kept[name].is_meta else kept[name].to(p.device)
+        return self
 
 
 class LoopEmbedding(nn.Module):
@@ -79,8 +100,8 @@ class HaltingUnit(nn.Module):
 class ACTAccumulator:
     """Running ACT state of one forward: weights ``w_t`` (summing to 1 per position), the
     weighted output ``sum_t w_t h_{t+1}`` (fp32), and Graves' ponder terms: N (iterations a
-    position ran, a constant) and the remainder R (the halting step's weight ``1 - sum of earlier
-    p``, which carries the gradient)."""
+    position ran in the window, a constant) and the remainder R (the halting step's weight
+    ``1 - sum of earlier p``, which carries the gradient)."""
 
     def __init__(self, like: torch.Tensor, threshold: float) -> None:
         self.threshold = threshold
@@ -89,13 +110,58 @@ class ACTAccumulator:
         self.steps = torch.zeros_like(self.cum)
         self.remainder = torch.zeros_like(self.cum)
 
-    def step(self, p: torch.Tensor, h: torch.Tensor, is_last: bool) -> None:
-        running = self.cum < 1.0
-        halts = running & ((self.cum + p >= self.threshold) | is_last)
-        w, self.cum, self.acc = ops().act_step(p, self.cum, self.acc, h.float(), self.threshold, is_last)
-        self.steps = self.steps + running.float()
-        self.remainder = self.remainder + torch.where(halts, w, torch.zeros_like(w))
+    def step(self, p: torch.Tensor, h: torch.Tensor, is_last: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Take one step with halting probabilities ``p`` for states ``h``; ``rows`` (inference)
+        restricts it to those batch rows (the others have all halted).  Returns the positions
+        (of ``p``'s shape) that halt at this step."""
+        cum, acc = (self.cum, self.acc) if rows is None else (self.cum[rows], self.acc[rows])
+        running = cum < 1.0
+        halts = running & ((cum + p >= self.threshold) | is_last)
+        w, cum, acc = ops().act_step(p, cum, acc, h.float(), self.threshold, is_last)
+        steps = running.float()
+        remainder = torch.where(halts, w, torch.zeros_like(w))
+        if rows is None:
+            self.cum, self.acc = cum, acc
+            self.steps = self.steps + steps
+            self.remainder = self.remainder + remainder
+        else:
+            self.cum[rows], self.acc[rows] = cum, acc
+            self.steps[rows] += steps
+            self.remainder[rows] += remainder
+        return halts
 
     def ponder(self) -> torch.Tensor:
         """Mean over positions of N + R."""
         return (self.steps + self.remainder).mean()
+
+
+def kl_divergence(logp: torch.Tensor, prev_logp: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per position from log-probabilities ``logp`` of p and ``prev_logp`` of q (..., V);
+    clamped at 0 (rounding can make a KL of two nearly equal distributions slightly negative)."""
+    return (logp.exp() * (logp - prev_logp)).sum(-1).clamp_min(0.0)
+
+
+class FrozenKV:
+    """The attention cache of one core layer at one loop iteration of an early-exit forward.
+
+    Positions that have exited (``frozen``, (b, s)) compute nothing that is kept: the keys and
+    values they offer the others are the ones of their last computed iteration (``last``, as
+    Huginn's generation shares KV entries across steps).  ``update`` is what the attention calls
+    (the :class:`~mythos_scale.model.cache.LayerCache` interface): it merges the new entries with
+    ``last``, keeps the merged ones in ``self.new`` for the next iteration, and passes them on to
+    ``store`` (a KV-cache layer, for the batch ``rows`` computed) when decoding with a cache.
+    """
+
+    def __init__(self, frozen: torch.Tensor, last: list[torch.Tensor] | None, store=None,
+                 rows: torch.Tensor | None = None) -> None:
+        self.frozen, self.last, self.store, self.rows = frozen, last, store, rows
+        self.new: list[torch.Tensor] = []
+
+    def update(self, start_pos: int, *new: torch.Tensor) -> list[torch.Tensor]:
+        if self.last is not None:
+            new = tuple(torch.where(self.frozen.view(*self.frozen.shape, *[1] * (n.ndim - 2)), old, n)
+                        for old, n in zip(self.last, new))
+        self.new = list(new)
+        if self.store is None:
+            return self.new
+        return self.store.update(start_pos, *new, rows=self.rows)

@@ -1,8 +1,15 @@
 """The parallel layout: one object that says which rank does what.
 
-world = DP x TP; expert parallelism is carved out of DP.  This release runs data parallelism
-(ZeRO) only; ``tp`` and ``ep`` are validated against the world and refused above 1 with a
-clear message until their parallelize steps land.
+world = DP x TP, and expert parallelism is carved out of DP (DeepSpeed's and Megatron's layout):
+
+    rank    = tp_rank + TP * dp_rank          ranks of one TP group are consecutive
+    dp_rank = ep_rank + EP * edp_rank         an EP group is EP consecutive data-parallel ranks
+
+so an expert is held by the DP / EP ranks of its expert-data-parallel (EDP) group, and its
+gradient is reduced over that group only.  The process groups are built by
+``megatron.core.parallel_state`` (the properties below read them).  :func:`check_layout`
+refuses a layout that does not fit the world (``mythos train --nproc`` checks it before starting
+any rank); what tp and ep require of the model is checked by the config schema.
 
 Launch environments understood: the DeepSpeed launcher and torchrun (RANK / WORLD_SIZE /
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT), Slurm's srun (SLURM_PROCID / SLURM_NTASKS /
@@ -20,9 +27,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mythos_scale.config import layout_problem
+
 
 class LaunchError(RuntimeError):
     """The launch environment is inconsistent; the message names the variable."""
+
+
+class LayoutError(LaunchError):
+    """``parallel.tp`` / ``parallel.ep`` do not fit the world size; the message names the numbers."""
+
+
+def check_layout(world_size: int, tp: int, ep: int) -> None:
+    """Refuse a world that ``tp`` and ``ep`` do not divide as world = DP x TP, DP = EP x EDP."""
+    problem = layout_problem(world_size, tp, ep)
+    if problem:
+        raise LayoutError(problem)
 
 
 # NCCL settings applied unless the launch environment sets them: a failed or timed-out collective
@@ -49,9 +69,26 @@ class ParallelLayout:
         return self.world_size // self.tp
 
     @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
     def dp_rank(self) -> int:
         # Ranks of one tensor-parallel group are consecutive and share a data-parallel rank.
         return self.rank // self.tp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: how many ranks hold each expert (per TP rank)."""
+        return self.dp // self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self.dp_rank // self.ep
 
     @property
     def is_main(self) -> bool:
@@ -64,6 +101,39 @@ class ParallelLayout:
         failing with "No backend type associated with device type cpu".  On CPU, gloo for both
         (what plain "gloo" means), spelled the same way so CPU runs exercise the form."""
         return f"cpu:gloo,cuda:{'nccl' if self.device.type == 'cuda' else 'gloo'}"
+
+    # The process groups: megatron-core's (init_process_groups) when the layout has TP or EP; a pure
+    # data-parallel layout uses the world group and does not load megatron-core (seconds per rank).
+
+    @property
+    def has_model_parallelism(self) -> bool:
+        return self.tp > 1 or self.ep > 1
+
+    @staticmethod
+    def _megatron_group(getter: str) -> dist.ProcessGroup:
+        from megatron.core import parallel_state
+
+        return getattr(parallel_state, getter)()
+
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        return self._megatron_group("get_tensor_model_parallel_group")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        if not self.has_model_parallelism:
+            return dist.group.WORLD
+        return self._megatron_group("get_data_parallel_group")
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self._megatron_group("get_expert_model_parallel_group")
+
+    @property
+    def edp_group(self) -> dist.ProcessGroup:
+        if not self.has_model_parallelism:
+            return dist.group.WORLD
+        return self._megatron_group("get_expert_data_parallel_group")
 
 
 def _env_int(name: str) -> int | None:
@@ -121,13 +191,7 @@ def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0) ->
         if not os.environ.get(name):
             raise LaunchError(f"{name} is not set; multi-process launches need it "
                               f"(the Slurm scripts export it from the first node)")
-    if world % tp != 0:
-        raise LaunchError(f"parallel.tp={tp} does not divide the world size {world}")
-    if (world // tp) % ep != 0:
-        raise LaunchError(f"parallel.ep={ep} does not divide the data-parallel size {world // tp}")
-    if tp > 1 or ep > 1:
-        raise LaunchError(f"parallel.tp={tp} / parallel.ep={ep}: tensor and expert parallelism "
-                          "are not available in this release; use tp=1 ep=1")
+    check_layout(world, tp, ep)
     if torch.cuda.is_available():
         device = cuda_device(local)
         torch.cuda.set_device(device)
@@ -154,4 +218,24 @@ def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0) ->
                 f"MASTER_PORT={port} on {os.environ['MASTER_ADDR']} is already in use (another run "
                 f"or program holds it): choose a free port, e.g. MASTER_PORT={int(port) + 1}, or "
                 f"--master_port with the deepspeed launcher") from None
+    if layout.has_model_parallelism:
+        init_process_groups(layout, timeout_minutes)
     return layout
+
+
+def init_process_groups(layout: ParallelLayout, timeout_minutes: float = 20.0) -> None:
+    """Build the TP, DP, EP and EDP groups with megatron-core's ``parallel_state`` (on CPU/gloo
+    too; its CUDA RNG seeding is not used) and check that its rank order is the layout's."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp, expert_model_parallel_size=layout.ep,
+        distributed_timeout_minutes=max(1, round(timeout_minutes)), create_gloo_process_groups=False)
+    megatron = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
+                parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_data_parallel_rank())
+    ours = (layout.tp_rank, layout.dp_rank, layout.ep_rank, layout.edp_rank)
+    if megatron != ours:
+        raise RuntimeError(f"rank {layout.rank}: megatron-core placed it at (tp, dp, ep, edp) ranks {megatron}, "
+                           f"the layout at {ours}")

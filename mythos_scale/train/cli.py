@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from mythos_scale.config import ConfigError, load_config
+from mythos_scale.config import ConfigError, layout_problem, load_config
 from mythos_scale.train.status import EXIT_BAD_INPUT, EXIT_INTERRUPTED, install_stop_handlers
 
 
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+        launched = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
+        if not launched:  # the world is known here: refuse a layout that cannot fit it before starting
+            problem = layout_problem(args.nproc, cfg.parallel.tp, cfg.parallel.ep)
+            if problem:
+                raise ConfigError(f"{problem} (--nproc {args.nproc})")
         if args.nproc > 1:
             from mythos_scale.train.launcher import launch_local, launch_problem
 

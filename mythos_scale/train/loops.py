@@ -2,7 +2,8 @@
 
 T is a pure function of (seed, step), so every rank draws the same T without communicating
 and a resumed run draws exactly what an uninterrupted one would.  Samplers follow Huginn
-(Poisson-lognormal around a mean) and Parcae (Poisson); ``fixed`` always returns the mean.
+(Poisson-lognormal around a mean) and Parcae (Poisson), shifted to start at ``min``; ``fixed``
+always returns the mean.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ from mythos_scale.config import LoopSchedule
 
 
 def sample_loops(schedule: LoopSchedule, seed: int, step: int) -> int:
-    """Loop count for optimizer step ``step``, clipped to [schedule.min, schedule.max]."""
-    if schedule.sampler == "fixed":
+    """Loop count for optimizer step ``step``: ``T = min + X`` with ``E[X] = mean - min``, so the
+    mean is ``mean`` (before the cut at ``max``).  ``poisson``: X ~ Poisson; ``poisson_lognormal``
+    (Huginn): X ~ Poisson(rate), rate ~ LogNormal(sigma = lognormal_sigma), a heavy tail of deep steps."""
+    if schedule.sampler == "fixed" or schedule.mean == schedule.min:
         return schedule.mean
     rng = np.random.default_rng([seed, step, 0x100B5])
+    extra = schedule.mean - schedule.min
     if schedule.sampler == "poisson":
-        t = rng.poisson(schedule.mean)
-    else:  # poisson_lognormal: rate ~ LogNormal with E[rate] = mean, then T ~ Poisson(rate)
+        x = rng.poisson(extra)
+    else:
         sigma = schedule.lognormal_sigma
-        rate = rng.lognormal(math.log(schedule.mean) - sigma * sigma / 2, sigma)
-        t = rng.poisson(rate)
-    return int(min(max(t, schedule.min), schedule.max))
+        x = rng.poisson(rng.lognormal(math.log(extra) - sigma * sigma / 2, sigma))
+    return int(min(schedule.min + x, schedule.max))
 
 
 def backprop_depth(schedule: LoopSchedule, n_loops: int) -> int:

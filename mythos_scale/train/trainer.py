@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
+from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.plan import plan_model
 from mythos_scale.train.checkpoint import CheckpointError, Checkpointer, CheckpointWriteError, seed_rng
 from mythos_scale.train.loops import backprop_depth, sample_loops
@@ -64,35 +64,6 @@ def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> 
     return packed.tolist()
 
 
-def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:
-    t = cfg.train
-    per_step = t.micro_batch_size * layout.dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {layout.dp})")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and layout.device.type == "cuda")
-    ds = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // per_step,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(ds, cfg.deepspeed)
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 class Trainer:
     def __init__(self, cfg: Config, layout: ParallelLayout):
         self.cfg, self.layout = cfg, layout
@@ -108,8 +79,7 @@ class Trainer:
 
         seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, t), config=deepspeed_config(cfg, layout))
+        self.engine = parallelize(model, cfg, layout, lambda m: build_optimizer(m, t))  # TP, EP, ZeRO
         self.model = self.engine.module
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
@@ -360,11 +330,14 @@ class Trainer:
             stats = out.stats
 
         applied = self.engine.was_step_applied()
-        load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate,
-                                   all_reduce=lambda counts: dist.all_reduce(counts))
-        # Mean of every part over micro-batches and data-parallel ranks, in one collective.
+        # Expert counts are summed over the data-parallel group (TP ranks route the same tokens);
+        # a skipped (non-finite) step leaves the balance biases alone and its counts are dropped.
+        load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate if applied else 0.0,
+                                   all_reduce=lambda counts: dist.all_reduce(counts, group=self.layout.dp_group))
+        # Mean of every part over micro-batches and ranks (TP ranks hold equal copies), in one collective.
         names = sorted(sums)
-        means = sum_over_ranks([sums[n] / (self.grad_accum * self.layout.dp) for n in names], self.layout.device)
+        means = sum_over_ranks([sums[n] / (self.grad_accum * self.layout.world_size) for n in names],
+                               self.layout.device)
         metrics = {f"train/{n}": v for n, v in zip(names, means)}
 
         self.step += 1
@@ -445,8 +418,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir / "tb" if main else None,
                                      purge_step=self.step + 1 if self.resume_tag is not None else None)
         if main:
-            log.info("run folder %s | %d ranks (dp %d) | global batch %d x %d tokens | grad accum %d | "
-                     "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp,
+            log.info("run folder %s | %d ranks (dp %d, tp %d, ep %d) | global batch %d x %d tokens | grad accum %d | "
+                     "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp, self.layout.tp, self.layout.ep,
                      t.global_batch_size, self.cfg.data.seq_len, self.grad_accum, self.step, t.max_steps)
         history = open(self.run_dir / "metrics.jsonl", "a") if main else None
         batches = iter(self.train_loader)

@@ -301,7 +301,7 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.opts, self.layout = cfg, cfg.train.checkpoint, layout
         self.rank = layout.rank
-        self.tp_rank = layout.rank % layout.tp  # ranks of a TP group are consecutive (layout.dp_rank)
+        self.tp_rank = layout.tp_rank
         self.pending: _PendingSave | None = None
         self.last_save: SaveTimes | None = None
         self._snapshot = HostSnapshot()

@@ -1,4 +1,4 @@
-"""``mythos plan``: parameters, training FLOPs per token and KV-cache size of a config.
+"""Parameters, training FLOPs per token and KV-cache size of a config.
 
 Counts are analytic (from the config alone, so a 770M or larger plan costs nothing) and are
 tested to equal the built model's ``sum(p.numel())``.
@@ -14,8 +14,8 @@ numerator; embedding lookups and elementwise ops are not counted):
     flops_per_token = forward + backward
 
 The prelude still runs its backward: B_bar e enters every iteration, the last k included.  A
-core iteration counts the top_k routed experts, the shared experts, the router, the ACT halting
-unit and one iteration's LoRA adapters.  ``flops_per_token_with_recompute`` adds the forward
+core iteration counts the top_k routed experts, the shared experts, the router and one
+iteration's LoRA adapters; the ACT halting unit runs in the last k iterations only (at least one).  ``flops_per_token_with_recompute`` adds the forward
 recomputation of the k checkpointed iterations (hardware FLOPs).
 
 KV cache per token (bf16, 2 bytes): MLA stores kv_lora_rank + qk_rope_head_dim per layer per
@@ -26,12 +26,9 @@ keys H * (qk_nope + qk_rope) and values H * v_head_dim for the same heads.  GQA 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
-from mythos_scale.config import ConfigError, ModelConfig, load_config
+from mythos_scale.config import ModelConfig
 
 KV_CACHE_DTYPE_BYTES = 2  # bf16
 
@@ -109,7 +106,7 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
     params = {
         "embedding": v * d,
         "prelude": cfg.prelude_layers * dense["params"],
-        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, its norm, loop emb, ACT
+        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, prelude norm, loop emb, ACT
         "core": cfg.core_layers * core["params"],
         "coda": cfg.coda_layers * dense["params"],
         "head": d + (0 if cfg.tie_embeddings else v * d),
@@ -121,10 +118,11 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
 
     attn = _attention_score_flops(cfg, seq_len)
     fwd_dense_layer = 2 * dense["active_matmul"] + attn
-    fwd_core_iteration = cfg.core_layers * (2 * core["active_matmul"] + attn) + 2 * (d if cfg.act.enabled else 0)
+    fwd_core_iteration = cfg.core_layers * (2 * core["active_matmul"] + attn)
+    fwd_halting = 2 * d if cfg.act.enabled else 0  # ACT runs in the grad-carrying iterations (at least one)
     fwd_outside_core = n_dense * fwd_dense_layer + 2 * d * d + 2 * d * v  # + injection B, LM head
-    forward = fwd_outside_core + loops * fwd_core_iteration
-    backward = 2 * (fwd_outside_core + backprop_depth * fwd_core_iteration)
+    forward = fwd_outside_core + loops * fwd_core_iteration + max(backprop_depth, 1) * fwd_halting
+    backward = 2 * (fwd_outside_core + backprop_depth * (fwd_core_iteration + fwd_halting))
     recompute = backprop_depth * fwd_core_iteration if cfg.activation_checkpointing else 0
 
     a = cfg.attention
@@ -153,64 +151,3 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
         "kv_cache_elements_per_token_mha": mha_elements,
         "kv_cache_bytes_per_token_mha": mha_elements * KV_CACHE_DTYPE_BYTES,
     }
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3f}{unit}"
-    return f"{n:g}"
-
-
-def format_plan(plan: dict[str, Any], source: str) -> str:
-    rows: list[tuple[str, str]] = [
-        ("config", source),
-        ("loops T / backprop depth k / seq len", f"{plan['loops']} / {plan['backprop_depth']} / {plan['seq_len']}"),
-        ("params total", f"{plan['params_total']:,} ({_human(plan['params_total'])})"),
-    ]
-    rows += [(f"  {name}", f"{n:,}") for name, n in plan["params_breakdown"].items()]
-    rows += [
-        ("  of which routed experts", f"{plan['params_routed_experts']:,}"),
-        ("params active per token", f"{plan['params_active']:,} ({_human(plan['params_active'])})"),
-        ("FLOPs per token (fwd+bwd)", _human(plan["flops_per_token"])),
-        ("  forward", _human(plan["flops_per_token_forward"])),
-        ("  with checkpoint recompute", _human(plan["flops_per_token_with_recompute"])),
-        ("KV cache per token (bf16)", f"{plan['kv_cache_bytes_per_token']:,} B "
-                                      f"({plan['kv_cache_elements_per_token']:,} elements, "
-                                      f"{plan['kv_cache_layers']} layer caches)"),
-        ("  MHA with the same heads", f"{plan['kv_cache_bytes_per_token_mha']:,} B "
-                                      f"({plan['kv_cache_bytes_per_token_mha'] / plan['kv_cache_bytes_per_token']:.1f}x)"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mythos plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML config (defaults when omitted)")
-    parser.add_argument("--loops", type=int, help="loop count T (default: train.loops.mean)")
-    parser.add_argument("--backprop-depth", type=int,
-                        help="truncated-backprop depth k (default: min(train.loops.backprop_depth, T))")
-    parser.add_argument("--seq-len", type=int, help="sequence length (default: data.seq_len)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.dim=512")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"mythos plan: {err}", file=sys.stderr)
-        return 2
-    loops = args.loops if args.loops is not None else cfg.train.loops.mean
-    depth = args.backprop_depth if args.backprop_depth is not None else min(cfg.train.loops.backprop_depth, loops)
-    seq_len = args.seq_len if args.seq_len is not None else cfg.data.seq_len
-    try:
-        plan = plan_model(cfg.model, loops, depth, seq_len)
-    except ValueError as err:
-        print(f"mythos plan: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan, args.config or "defaults"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from mythos_scale.plan.cli import main
+
+sys.exit(main())
