@@ -9,7 +9,7 @@ MASTER_PORT set by it):
         with AdamW run on the logical tensors.
     python tests/checkpoint_ranks.py stale-view TAG_DIR SECONDS TRAIN_ARGS...
         one trainer rank whose view of the checkpoint folder lacks TAG_DIR: directory listings
-        never show it, and looking it up finds nothing for the first SECONDS (the delayed
+        never show it, and looking it up finds nothing for SECONDS after the first try (the delayed
         visibility of a shared file system, simulated in this process only).
 """
 
@@ -157,15 +157,19 @@ def sharded(folder: Path, zero_stage: int) -> None:
 
 def stale_view(hidden: Path, seconds: float, train_args: list[str]) -> int:
     hidden = hidden.resolve()
-    until = time.monotonic() + seconds
+    invisible_until = []  # the clock starts at the first look-up (after the imports, which take longer)
     real_scandir, real_listdir, real_stat = os.scandir, os.listdir, os.stat
+
+    def absolute(path) -> Path:
+        """The path made absolute without touching the file system (``resolve`` calls ``stat``)."""
+        return Path(os.path.normpath(os.path.abspath(os.fspath(path))))
 
     class _Listing:
         def __init__(self, inner):
             self.inner = inner
 
         def __iter__(self):
-            return (e for e in self.inner if Path(e.path).resolve() != hidden)
+            return (e for e in self.inner if absolute(e.path) != hidden)
 
         def __enter__(self):
             return self
@@ -180,13 +184,15 @@ def stale_view(hidden: Path, seconds: float, train_args: list[str]) -> int:
         return _Listing(real_scandir(path))
 
     def listdir(path="."):
-        return [n for n in real_listdir(path) if Path(path, n).resolve() != hidden]
+        return [n for n in real_listdir(path) if absolute(os.path.join(path, n)) != hidden]
 
     def stat(path, *args, **kwargs):
-        if time.monotonic() < until and isinstance(path, (str, os.PathLike)):
-            resolved = Path(path).resolve()
-            if resolved == hidden or hidden in resolved.parents:
-                raise FileNotFoundError(2, "No such file or directory (not visible here yet)", str(path))
+        if isinstance(path, (str, os.PathLike)):
+            target = absolute(path)
+            if target == hidden or hidden in target.parents:
+                invisible_until[:] = invisible_until or [time.monotonic() + seconds]
+                if time.monotonic() < invisible_until[0]:
+                    raise FileNotFoundError(2, "No such file or directory (not visible here yet)", str(path))
         return real_stat(path, *args, **kwargs)
 
     os.scandir, os.listdir, os.stat = scandir, listdir, stat

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,22 +168,32 @@ def _start_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:
     for rank, command in enumerate(commands):
         env = dict(subprocess_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(commands)),
                    LOCAL_WORLD_SIZE=str(len(commands)), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        # Output to a file, not a pipe: a rank blocked on a full pipe nobody reads yet (we wait for
+        # the ranks in order) would hang the others in their next collective.
+        output = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        proc.output = output
+        procs.append(proc)
     return procs
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
+    """Wait for every rank; once one fails, stop the others (they would wait for it in a collective)."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
             for p in procs:
                 p.kill()
-            raise
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} failed ({proc.returncode}):\n{out[-5000:]}"
+                p.wait()
+            break
+        time.sleep(0.2)
+    outputs = []
+    for proc in procs:
+        proc.output.seek(0)
+        outputs.append(proc.output.read())
+    failed = [f"rank {rank} failed ({proc.returncode}):\n{out[-5000:]}"
+              for rank, (proc, out) in enumerate(zip(procs, outputs)) if proc.returncode != 0]
+    assert not failed, "\n\n".join(failed)
     return outputs
 
 
