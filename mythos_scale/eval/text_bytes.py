@@ -8,6 +8,8 @@ end-of-document token) stand for no text and count 0 bytes.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from tokenizers import Tokenizer
 
@@ -28,6 +30,9 @@ def byte_level_decoder() -> dict[str, int]:
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes each token id decodes to (0 for special tokens and ids the tokenizer lacks).
     ValueError for a tokenizer that is not byte-level BPE (its tokens' bytes are not fixed)."""
+    kind = (json.loads(tokenizer.to_str()).get("decoder") or {}).get("type")
+    if kind != "ByteLevel":
+        raise ValueError(f"the tokenizer's decoder is {kind!r}, not byte-level BPE: its tokens' bytes are unknown")
     decoder = byte_level_decoder()
     lengths = torch.zeros(vocab_size, dtype=torch.float64)
     specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
