@@ -197,6 +197,17 @@ class LoopSchedule(_Strict):
 class CheckpointConfig(_Strict):
     every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
+    # Write in a background thread while training goes on: the step loop waits only for a copy of
+    # this rank's state to host memory.  false: write before the next step (same files).
+    async_save: bool = True
+    # Seconds between SIGTERM and SIGKILL (Slurm's KillWait, default 30 s).  On SIGTERM a save is
+    # made only if it fits, as estimated from the last save; otherwise the last committed
+    # checkpoint is kept (the log says which).  SIGUSR1 (Slurm's pre-timeout signal) and Ctrl-C
+    # always save.
+    grace_s: float = Field(30.0, gt=0)
+    # Cap on each rank's write rate in MB/s (0: none), e.g. to leave a shared file system's
+    # bandwidth to the data loaders while a checkpoint is written in the background.
+    write_limit_mb_s: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Strict):

@@ -21,10 +21,9 @@ DeepSpeed is told the layout in two ways:
 
 DeepSpeed's MoE checkpoint code assumes its own per-expert module naming
 (``deepspeed_moe.experts.deepspeed_experts.<i>``) and cannot save stacked expert weights, so once
-the optimizer is built the engine's ``has_moe_layers`` is turned off: checkpoints go through the
-plain path (one model file per TP rank, written by data-parallel rank 0; ZeRO's optimizer files
-per rank), and the other EP ranks' expert weights are saved per rank by the trainer
-(:func:`local_expert_state`).
+the optimizer is built the engine's ``has_moe_layers`` is turned off.  Checkpoints do not go
+through DeepSpeed at all: :mod:`mythos_scale.train.checkpoint` writes each rank's pieces of the
+logical tensors (every EP rank's experts included) and reads them back in any layout.
 """
 
 from __future__ import annotations
@@ -136,22 +135,3 @@ def apply_zero(model: nn.Module, cfg: Config, layout: ParallelLayout,
     engine.has_moe_layers = False  # its MoE checkpoint code cannot save our experts: see the module docstring
     return engine
 
-
-def local_expert_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's expert-parallel parameters by name (what DeepSpeed's model file lacks under EP)."""
-    return {name: p.detach().clone() for name, p in model.named_parameters()
-            if getattr(getattr(p, "mythos_shard", None), "group", None) == "ep"}
-
-
-@torch.no_grad()
-def load_local_expert_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put back what :func:`local_expert_state` saved; the names and shapes must match exactly."""
-    params = dict(model.named_parameters())
-    expected = set(local_expert_state(model))
-    if set(state) != expected:
-        raise ValueError(f"the saved expert shards are {sorted(state)}, this layout has {sorted(expected)}")
-    for name, value in state.items():
-        if value.shape != params[name].shape:
-            raise ValueError(f"saved expert shard {name} has shape {tuple(value.shape)}, "
-                             f"this rank holds {tuple(params[name].shape)}")
-        params[name].copy_(value)

@@ -10,18 +10,22 @@ during start-up is never lost.
 from __future__ import annotations
 
 import signal
+import time
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _stop_signal: str | None = None
+_sigterm_time: float | None = None  # time.monotonic() when the first SIGTERM arrived
 
 
 def _request_stop(signum: int, _frame) -> None:
-    global _stop_signal
+    global _stop_signal, _sigterm_time
     if signum == signal.SIGINT and _stop_signal == "SIGINT":
         raise KeyboardInterrupt
     _stop_signal = signal.Signals(signum).name
+    if signum == signal.SIGTERM and _sigterm_time is None:
+        _sigterm_time = time.monotonic()
 
 
 def install_stop_handlers() -> None:
@@ -32,3 +36,9 @@ def install_stop_handlers() -> None:
 def stop_requested() -> str | None:
     """The name of the first stop signal received by this process, or None."""
     return _stop_signal
+
+
+def sigterm_age_s() -> float | None:
+    """Seconds since this process got SIGTERM, or None: the grace time before SIGKILL runs from
+    there."""
+    return None if _sigterm_time is None else time.monotonic() - _sigterm_time

@@ -34,15 +34,14 @@ from mythos_scale.data.manifest import DataError
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
 from mythos_scale.parallel.parallelize import parallelize
-from mythos_scale.parallel.zero import load_local_expert_state, local_expert_state
 from mythos_scale.plan import plan_model
-from mythos_scale.train.checkpoint import CheckpointError, Checkpointer
+from mythos_scale.train.checkpoint import CheckpointError, Checkpointer, CheckpointWriteError, seed_rng
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import MetricsLogger, memory_gib, peak_tflops
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
 from mythos_scale.train.status import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
-                                       stop_requested)
+                                       sigterm_age_s, stop_requested)
 
 log = logging.getLogger("mythos_scale.train")
 
@@ -70,7 +69,7 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         t = cfg.train
         self.run_dir = Path(t.out_dir).expanduser() / t.name
-        self.checkpointer = Checkpointer(self.run_dir, t.checkpoint.keep_last, layout.rank, layout.world_size)
+        self.checkpointer = Checkpointer(self.run_dir, cfg, layout)
         self.resume_tag = self._check_run_folder()
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
@@ -78,6 +77,7 @@ class Trainer:
         self.train_loader = build_train_loader(cfg.data, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
 
+        seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
         self.engine = parallelize(model, cfg, layout, lambda m: build_optimizer(m, t))  # TP, EP, ZeRO
         self.model = self.engine.module
@@ -96,11 +96,12 @@ class Trainer:
     def _check_run_folder(self) -> Path | None:
         """Decide, changing nothing, how this run starts: the checkpoint to resume from, or None
         for step 0.  Refused (exit 2): a folder whose checkpoints are all unusable (unless
-        ``train.restart``), a checkpoint written by another number of ranks, a resume with
-        another model config.  A folder without a committed checkpoint is not claimed by
-        anything in it (a config.yaml of an earlier start that failed included)."""
+        ``train.restart``), a resume with another model config.  A checkpoint written by
+        another layout is resharded on load.  A folder without a committed checkpoint is not
+        claimed by anything in it (a config.yaml of an earlier start that failed included).
+        Collective: rank 0 picks the checkpoint, every rank gets the same answer."""
         t, main = self.cfg.train, self.layout.is_main
-        scan = self.checkpointer.scan()
+        scan = self.checkpointer.choose_resume()
         for tag_dir, problem in scan.rejected:
             if main:
                 log.warning("checkpoint %s cannot be used: %s", tag_dir.name, problem)
@@ -119,13 +120,6 @@ class Trainer:
             return None
         if t.restart and main:
             log.info("train.restart=true has no effect: checkpoint %s is usable and is resumed", scan.usable.name)
-        if scan.world_size() != self.layout.world_size:
-            raise CheckpointError(
-                f"checkpoint {scan.usable} was written by {scan.world_size()} ranks, this run has "
-                f"{self.layout.world_size}: resume it with {scan.world_size()} ranks (e.g. `mythos train "
-                f"--nproc {scan.world_size()} ...`, NPROC={scan.world_size()} bash launch/quickstart.sh, or "
-                f"deepspeed --num_gpus {scan.world_size()}), or start a separate run with another train.name. "
-                f"Resharding a checkpoint to another rank count is not supported yet")
         self._check_same_model()
         return scan.usable
 
@@ -140,9 +134,6 @@ class Trainer:
                  for k, v in current["model"].items() if old["model"].get(k) != v]
         if old["data"]["seq_len"] != current["data"]["seq_len"]:
             diffs.append(f"data.seq_len: {old['data']['seq_len']} -> {current['data']['seq_len']}")
-        diffs += [f"parallel.{k}: {old['parallel'][k]} -> {current['parallel'][k]} (checkpoints are sharded "
-                  f"by the layout; resharding to another layout is not supported yet)"
-                  for k in ("tp", "ep") if old["parallel"].get(k, 1) != current["parallel"][k]]
         if diffs:
             raise ConfigError(f"run folder {self.run_dir} was created with a different config "
                               f"({saved}); use another train.name or train.out_dir. Differences:\n  "
@@ -205,37 +196,66 @@ class Trainer:
 
     # ------------------------------------------------------------------ signals
 
-    def _any_rank_wants_stop(self) -> bool:
-        return sum_over_ranks([1.0 if stop_requested() else 0.0], self.layout.device)[0] > 0
+    def _poll(self) -> tuple[bool, bool]:
+        """(a rank wants to stop, a rank is still writing the checkpoint in flight): one collective."""
+        stop, writing = sum_over_ranks([1.0 if stop_requested() else 0.0, float(self.checkpointer.writing())],
+                                       self.layout.device)
+        return stop > 0, writing > 0
 
     # ------------------------------------------------------------------ state
 
     def _save(self) -> None:
-        client = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
-                  "schedule": {k: getattr(self.cfg.train, k) for k in SCHEDULE_KEYS}}
-        # Under EP, DeepSpeed's model file holds one EP rank's experts: each rank keeps its own here.
-        seconds = self.checkpointer.save(self.engine, self.step, client,
-                                         {"data": self.train_loader.state_dict(),
-                                          "expert_shards": local_expert_state(self.model)})
-        if self.layout.is_main:
-            log.info("saved checkpoint step %d to %s in %.2fs", self.step, self.checkpointer.dir, seconds)
+        """Start the checkpoint of this step (committed later, see :meth:`_commit`)."""
+        if self.checkpointer.pending is not None:
+            self._commit()
+        state = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
+                 "schedule": {k: getattr(self.cfg.train, k) for k in SCHEDULE_KEYS},
+                 "data": self.train_loader.state_dict()}
+        seconds = self.checkpointer.save(self.engine, self.step, state)
         self.metrics.scalars(self.step, {"ckpt/save_s": seconds})
+
+    def _commit(self) -> None:
+        times = self.checkpointer.commit()
+        if self.layout.is_main:
+            log.info("saved checkpoint step %d to %s: %.1f MB; the step loop waited %.2fs, the write took %.2fs "
+                     "(%.0f MB/s)%s", times.step, self.checkpointer.dir, times.bytes / 1e6, times.blocked_s,
+                     times.write_s, times.bytes / 1e6 / self.layout.world_size / max(times.write_s, 1e-9),
+                     " in the background" if self.cfg.train.checkpoint.async_save else "")
+        self.metrics.scalars(self.step, {"ckpt/write_s": times.write_s})
+
+    def _save_on_stop(self) -> str:
+        """On a stop request: save what the grace time allows (see checkpoint.plan_stop); returns
+        what was done, for the log."""
+        plan = self.checkpointer.plan_stop(self.step, sigterm_age_s())
+        if self.layout.is_main:
+            log.info("stop: %s", plan.reason)
+        pending = self.checkpointer.pending.step if self.checkpointer.pending is not None else None
+        if plan.discard_pending:
+            self.checkpointer.discard()
+        elif plan.finish_pending:
+            self._commit()
+        if plan.save_now:
+            self._save()
+            self._commit()
+            return f"saved step {self.step}"
+        if plan.finish_pending:
+            return f"saved step {pending}"
+        return f"kept the last committed checkpoint ({self.checkpointer.dir / 'latest'})"
 
     def _resume(self, tag_dir: Path) -> None:
         start = time.perf_counter()
         point = self.checkpointer.load(self.engine, tag_dir)
         self.step = point.step
-        self.tokens_seen = point.client_state["tokens_seen"]
-        self.skipped_steps = point.client_state["nonfinite_skipped"]
-        self.train_loader.load_state_dict(point.trainer_state["data"])
-        try:
-            load_local_expert_state(self.model, point.trainer_state.get("expert_shards", {}))
-        except ValueError as exc:
-            raise CheckpointError(f"checkpoint {tag_dir}: {exc}") from None
+        self.tokens_seen = point.trainer["tokens_seen"]
+        self.skipped_steps = point.trainer["nonfinite_skipped"]
+        self.train_loader.load_state_dict(point.trainer["data"])
         if self.layout.is_main:
             log.info("resumed from %s (step %d, %d tokens) in %.2fs", point.tag, self.step,
                      self.tokens_seen, time.perf_counter() - start)
-            self._warn_if_schedule_changed(point.tag, point.client_state.get("schedule"))
+            if point.resharded:
+                log.info("%s; the data continues at sample %d of the global stream", point.resharded,
+                         point.trainer["data"]["consumed_samples"])
+            self._warn_if_schedule_changed(point.tag, point.trainer.get("schedule"))
 
     def _warn_if_schedule_changed(self, tag: str, saved: dict[str, Any] | None) -> None:
         """Changing train.max_steps (or another schedule key) on resume is allowed, since raising
@@ -428,20 +448,28 @@ class Trainer:
                     if logged:
                         self.metrics.console(self.step, t.max_steps, metrics)
                 if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    if self.checkpointer.pending is not None:
+                        self._commit()  # taken before the trouble: a good checkpoint
                     raise TrainingError(
                         f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
                         f"(limit train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping without "
                         f"saving. The last good checkpoint is in {self.checkpointer.dir}")
-                stop = self._any_rank_wants_stop()
-                if stop or self.step % t.checkpoint.every == 0 or self.step == last_step:
-                    self._save()
+                stop, writing = self._poll()
+                if self.checkpointer.pending is not None and not writing:
+                    self._commit()
                 if stop:
+                    done = self._save_on_stop()
                     if main:
-                        log.warning("stop requested (%s): saved step %d; exiting with status %d: run the same "
-                                    "command again (or requeue the job) to resume", stop_requested()
-                                    or "signal on another rank", self.step, EXIT_PREEMPTED)
+                        log.warning("stop requested (%s): %s; exiting with status %d: run the same command again "
+                                    "(or requeue the job) to resume", stop_requested() or "signal on another rank",
+                                    done, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
+                if self.step % t.checkpoint.every == 0 or self.step == last_step:
+                    self._save()
+            if self.checkpointer.pending is not None:
+                self._commit()
         finally:
+            self.checkpointer.close()
             if history is not None:
                 history.close()
             self.metrics.close()
@@ -500,7 +528,7 @@ def run(cfg: Config) -> int:
     except (ConfigError, LaunchError, CheckpointError, DataError) as exc:
         print(f"mythos train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingError as exc:
+    except (TrainingError, CheckpointWriteError) as exc:
         print(f"mythos train: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
