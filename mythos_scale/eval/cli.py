@@ -45,11 +45,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--run", help="a run folder (its newest usable checkpoint)")
     where.add_argument("--checkpoint", help="an exported folder (mythos ckpt export) or one checkpoint folder")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default 0: torch's choice). On a busy CPU, 1 can be much faster")
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, threads: int = 0):
+    """The torch device ``--device`` names; sets torch's CPU threads when ``--threads`` is given."""
     import torch
 
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1 or args.max_batches < 0:
             raise ValueError("--batch-size must be >= 1 and --max-batches >= 0")
-        loaded = load_model(args.run or args.checkpoint, resolve_device(args.device))
+        loaded = load_model(args.run or args.checkpoint, resolve_device(args.device, args.threads))
         batches, byte_lengths, source = val_batches(loaded, args.data, args.batch_size, args.max_batches)
     except (ModelLoadError, DataError, ValueError) as exc:
         print(f"mythos eval: error: {exc}", file=sys.stderr)

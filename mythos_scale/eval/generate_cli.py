@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         if args.loops is not None and args.loops < 1:
             raise ValueError(f"--loops must be >= 1, got {args.loops}")
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, args.threads)
         loaded = load_model(args.run or args.checkpoint, device)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{args.run or args.checkpoint}: no tokenizer found (neither in the folder nor "
