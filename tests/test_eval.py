@@ -179,7 +179,8 @@ def test_foreign_paths_are_refused(tmp_path, exported):
                            "is not a model mythos_scale can load"),
                           (["ckpt", "export", str(tmp_path), "--out", str(foreign)], "not an empty folder"),
                           (["generate", "--checkpoint", str(exported), "--prompt", "x", "--max-new-tokens", "99"],
-                           "exceeds the model's max_seq_len")]:
+                           "exceeds the model's max_seq_len"),
+                          (["eval", "--checkpoint", str(exported), "--threads", "-1"], "--threads must be >= 0")]:
         proc = mythos(*args)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign"]  # nothing written
@@ -188,7 +189,7 @@ def test_foreign_paths_are_refused(tmp_path, exported):
 # --------------------------------------------------------------------------- from real runs
 
 RUNS = {  # name: (world size, overrides)
-    "one_rank": (1, ["train.max_steps=40", "train.eval_every=20", "train.eval_batches=2", "train.eval_loops=[1,3]"]),
+    "one_rank": (1, ["train.max_steps=20", "train.eval_every=10", "train.eval_batches=2", "train.eval_loops=[1,3]"]),
     "dp2_zero2": (2, ["train.max_steps=4", "train.zero_stage=2"]),
     "tp2": (2, ["train.max_steps=4", "parallel.tp=2"]),
     "ep2_zero2": (2, ["train.max_steps=4", "train.zero_stage=2", "parallel.ep=2"]),
@@ -321,7 +322,7 @@ def test_trainer_logs_validation_loss_per_loop_count(runs):
     tags = set(events.Tags()["scalars"])
     assert {"val/loss", "val/loss_at_loops/T01", "val/loss_at_loops/T03"} <= tags
     for tag in ("val/loss_at_loops/T01", "val/loss_at_loops/T03"):
-        assert [e.step for e in events.Scalars(tag)] == [20, 40]
+        assert [e.step for e in events.Scalars(tag)] == [10, 20]
     t1, t3 = (events.Scalars(f"val/loss_at_loops/T0{n}")[-1].value for n in (1, 3))
     assert t1 != t3  # each its own forward at its own loop count
     mean = events.Scalars("val/loss")[-1].value  # at train.loops.mean = 2

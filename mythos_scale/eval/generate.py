@@ -115,14 +115,14 @@ def generate(model: MythosModel, prompt: torch.Tensor, max_new_tokens: int, n_lo
     new = []
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     lengths = [max_new_tokens] * bsz
-    loops_used = 0.0
+    loops_used = torch.zeros((), device=device)  # summed on the device: no host sync per token
     start = time.perf_counter()
     for i in range(max_new_tokens):
         token = next_token(out.logits[:, -1], sampling, generator)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
         new.append(token)
-        if eos_id is not None:
+        if eos_id is not None:  # a host sync per token, to stop once every row has ended
             for row in (~finished & (token == eos_id)).nonzero().flatten().tolist():
                 lengths[row] = i + 1
             finished |= token == eos_id
@@ -133,15 +133,16 @@ def generate(model: MythosModel, prompt: torch.Tensor, max_new_tokens: int, n_lo
         ids = torch.cat([ids, token[:, None]], dim=1)
         if cache is not None:
             out = model(token[:, None], loops, cache=cache, start_pos=ids.shape[1] - 1, exit_threshold=exit_threshold)
-            loops_used += out.loops_used.float().mean().item()
+            loops_used += out.loops_used.float().mean()
         else:
             out = model(ids, loops, exit_threshold=exit_threshold)
-            loops_used += out.loops_used[:, -1].float().mean().item()
+            loops_used += out.loops_used[:, -1].float().mean()
     sync()
     decode_s = time.perf_counter() - start
     steps = len(new) - 1
+    mean_loops = loops_used.item() / steps if steps else float(loops)
     result = Generation(tokens=torch.stack(new, dim=1).cpu(), lengths=lengths, prefill_s=prefill_s,
-                        decode_s=decode_s, decode_steps=steps, mean_loops=loops_used / steps if steps else float(loops))
+                        decode_s=decode_s, decode_steps=steps, mean_loops=mean_loops)
     if cache is not None:
         element = next(model.parameters()).element_size()
         result.cache_bytes = sum(buf.numel() * buf.element_size() for layer in cache.layers.values()
