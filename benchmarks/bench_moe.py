@@ -42,7 +42,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mythos_scale.config import config_from_dict
-from mythos_scale.kernels import ops, select_kernels
 from mythos_scale.model import MoE
 from mythos_scale.parallel.ep import shard_experts
 
@@ -55,7 +54,7 @@ def loop_forward(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     token = order // layer.top_k
     counts = torch.bincount(chosen.flatten(), minlength=layer.n_experts).tolist()
     e = layer.experts
-    outputs = [F.linear(ops().swiglu(F.linear(rows, e.w_gate[i]), F.linear(rows, e.w_up[i])), e.w_down[i])
+    outputs = [F.linear(e.kernels.swiglu(F.linear(rows, e.w_gate[i]), F.linear(rows, e.w_up[i])), e.w_down[i])
                for i, rows in enumerate(flat.index_select(0, token).split(counts)) if rows.shape[0]]
     weighted = torch.cat(outputs) * gates.flatten()[order].unsqueeze(-1)
     y = flat.new_zeros(flat.shape).index_add(0, token, weighted)
@@ -67,7 +66,7 @@ def grouped_forward(layer: MoE, x: torch.Tensor) -> torch.Tensor:
 
 
 def build_layer(args: argparse.Namespace) -> MoE:
-    cfg = config_from_dict({"model": {"dim": args.dim, "moe": {
+    cfg = config_from_dict({"model": {"dim": args.dim, "kernels": "reference", "moe": {
         "n_routed_experts": args.experts, "top_k": args.top_k, "expert_hidden": args.hidden,
         "n_shared_experts": 0}}}).model
     layer = MoE(cfg)
@@ -146,7 +145,6 @@ def ep_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(max(1, args.threads // world))
-    select_kernels("reference")
     full = build_layer(args)
     sharded = copy.deepcopy(full)
     shard_experts(sharded, rank, world, dist.group.WORLD)
@@ -218,7 +216,6 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
 
-    select_kernels("reference")
     result = {"args": vars(args), "grouped_vs_loop": grouped_vs_loop(args)}
     if args.ep > 1:
         result["expert_parallel"] = expert_parallel(args)

@@ -354,7 +354,7 @@ def run_point(point: Point, data_root: Path, runs: Path, steps: int = 2,
     padding = sum(flat.numel() * flat.element_size() for flat in zero.bit16_groups_flat) - sum(
         p.numel() * p.element_size() for group in zero.bit16_groups for p in group)
     result = {"point": point.name, "rank": layout.rank, "world": layout.world_size,
-              "fused_kernels": kernels.ops().implementation(layout.device.type) is not kernels.reference,
+              "fused_kernels": trainer.model.kernels.implementation(layout.device.type) is not kernels.reference,
               "measured_peak": live.peak, "measured_static": static,
               "measured_rss_peak": _status_bytes("VmHWM") - rss_before,
               "allgather_padding_bytes": padding, "steps": measured_steps}

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import REPO, TINY_TRAIN, free_port, subprocess_env
 from mythos_scale.config import load_config
-from mythos_scale.kernels import reference, select_kernels
+from mythos_scale.kernels import reference
 from mythos_scale.model import MythosModel, update_balance_bias
 from mythos_scale.parallel.layout import LaunchError, ParallelLayout, cuda_device
 from mythos_scale.train.trainer import Trainer, sum_over_ranks
@@ -85,7 +85,6 @@ class GpuPathChecks(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def cfg():
-    select_kernels("auto")
     return load_config(CONFIG)
 
 

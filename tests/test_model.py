@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mythos_scale.config import ModelConfig
-from mythos_scale.kernels import ops
+from mythos_scale.kernels import select_kernels
 from mythos_scale.model import MythosModel, build_model
 from mythos_scale.model.moe import RoutedExperts
 from mythos_scale.model.recurrence import ACTAccumulator
@@ -222,10 +222,11 @@ def test_act_weights_sum_to_one_and_remainder():
     p = torch.rand(steps, 64, generator=gen) * 0.6
     h = torch.randn(steps, 64, 3, generator=gen)
     cum, acc = torch.zeros(64), torch.zeros(64, 3)
-    accumulator = ACTAccumulator(h[0], threshold)
+    dispatch = select_kernels("auto")
+    accumulator = ACTAccumulator(h[0], threshold, dispatch)
     weights = []
     for t in range(steps):
-        w, cum, acc = ops().act_step(p[t], cum, acc, h[t], threshold, t == steps - 1)
+        w, cum, acc = dispatch.act_step(p[t], cum, acc, h[t], threshold, t == steps - 1)
         accumulator.step(p[t], h[t], t == steps - 1)
         weights.append(w)
     w = torch.stack(weights)

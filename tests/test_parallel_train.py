@@ -15,7 +15,6 @@ and the layouts that must be refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

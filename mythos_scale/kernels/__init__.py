@@ -1,12 +1,13 @@
 """The fused ops the model calls, and the choice of implementation per device.
 
-The model calls ``ops().<name>(...)``.  Each name has a pure-PyTorch reference
-(:mod:`mythos_scale.kernels.reference`); the compiled extension adds fused implementations
-(:mod:`mythos_scale.kernels.fused`, the ``mythos::`` custom operators) for the devices it was
-built for (a CPU-only build has no CUDA kernels).  :func:`select_kernels` sets the mode once per
-process; each op call then runs the fused operator when the extension has a kernel for the
-device of the op's first tensor argument, else the reference.  The choice for each device is
-made, and logged, on its first call.
+Each op name has a pure-PyTorch reference (:mod:`mythos_scale.kernels.reference`); the compiled
+extension adds fused implementations (:mod:`mythos_scale.kernels.fused`, the ``mythos::`` custom
+operators) for the devices it was built for (a CPU-only build has no CUDA kernels).
+:func:`select_kernels` returns a :class:`KernelDispatch` for a mode; a model holds its own
+(``model.kernels``, from ``cfg.kernels``) and its modules call ``self.kernels.<op>(...)``.  Each
+call runs the fused operator when the extension has a kernel for the device of the op's first
+tensor argument, else the reference; the choice for each device is made, and logged, on its
+first call.  There is no process-wide choice: two models in one process may differ.
 """
 
 from __future__ import annotations
@@ -74,14 +75,16 @@ class KernelDispatch:
         self.__dict__[name] = op  # later lookups skip __getattr__
         return op
 
+    def __deepcopy__(self, memo: dict) -> KernelDispatch:
+        return self  # no state but the choice: a copied model shares its original's dispatch
 
-_selected: KernelDispatch | None = None
+    def __reduce__(self):
+        return select_kernels, (self.mode,)  # pickled (a spawned process, torch.save) as its mode
 
 
 def select_kernels(mode: str = "auto") -> KernelDispatch:
-    """Set the op implementation mode: ``reference``, ``fused`` (error if the extension is not
-    built, or has no kernels for a device the model runs on) or ``auto`` (fused where built)."""
-    global _selected
+    """A dispatch for ``mode``: ``reference``, ``fused`` (error if the extension is not built, or
+    has no kernels for a device the model runs on) or ``auto`` (fused where built)."""
     if mode not in MODES:
         raise ValueError(f"model.kernels: unknown mode {mode!r} ({'|'.join(MODES)})")
     fused = None
@@ -92,10 +95,4 @@ def select_kernels(mode: str = "auto") -> KernelDispatch:
             if mode == "fused":
                 raise RuntimeError(f"model.kernels=fused but {err}") from err
             log.info("kernels: the fused extension is unavailable (%s); PyTorch reference ops", err)
-    _selected = KernelDispatch(mode, fused)
-    return _selected
-
-
-def ops() -> KernelDispatch:
-    """The selected op dispatch (``auto`` on first use)."""
-    return _selected if _selected is not None else select_kernels("auto")
+    return KernelDispatch(mode, fused)

@@ -46,7 +46,7 @@ def moe_permute(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     once, so the result (and the backward, a gather and a sum over k) is deterministic.
     """
     num_tokens, top_k = rows.shape
-    src = x.unsqueeze(1).expand(num_tokens, top_k, x.shape[-1]).reshape(num_tokens * top_k, -1)
+    src = x.unsqueeze(1).expand(num_tokens, top_k, x.shape[-1]).reshape(num_tokens * top_k, x.shape[-1])
     return src.new_empty(src.shape).index_copy_(0, rows.reshape(-1).long(), src)
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mythos_scale.config import ModelConfig
-from mythos_scale.kernels import ops
+from mythos_scale.kernels import KernelDispatch
 from mythos_scale.model.cache import LayerCache
 from mythos_scale.model.layers import LoopLinear, RMSNorm, RotaryTable
 
@@ -55,8 +55,9 @@ class MLA(nn.Module):
     under tensor parallelism this module holds ``n_heads / tp`` of them.
     """
 
-    def __init__(self, cfg: ModelConfig, n_loops: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch, n_loops: int = 0) -> None:
         super().__init__()
+        self.kernels = kernels
         a = cfg.attention
         n_heads = cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
@@ -98,10 +99,10 @@ class MLA(nn.Module):
         q = self._query(x, loop).view(bsz, seq, -1, self.nope_dim + self.rope_dim)
         n_heads = q.shape[2]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = ops().apply_rope(q_rope, cos, sin)
+        q_rope = self.kernels.apply_rope(q_rope, cos, sin)
         c_kv, k_rope = self.wkv_a(x, loop).split([self.kv_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_norm(c_kv)
-        k_rope = ops().apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
+        k_rope = self.kernels.apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)
         if cache is not None:
             c_kv, k_rope = cache.update(start_pos, c_kv, k_rope)
         ctx = c_kv.shape[1]
@@ -126,8 +127,9 @@ class MLA(nn.Module):
 class GQA(nn.Module):
     """Grouped-query attention, RoPE over the whole head; the cache holds rotated keys and values."""
 
-    def __init__(self, cfg: ModelConfig, n_loops: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch, n_loops: int = 0) -> None:
         super().__init__()
+        self.kernels = kernels
         n_heads, n_kv_heads = cfg.n_heads, cfg.attention.n_kv_heads
         self.head_dim = cfg.dim // n_heads
         targets, lora = cfg.lora_targets, cfg.lora_rank
@@ -144,9 +146,9 @@ class GQA(nn.Module):
                 cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
         bsz, seq, _ = x.shape
         cos, sin = rope(start_pos, seq)
-        q = ops().apply_rope(self.wq(x, loop).view(bsz, seq, -1, self.head_dim), cos, sin)
+        q = self.kernels.apply_rope(self.wq(x, loop).view(bsz, seq, -1, self.head_dim), cos, sin)
         k, v = self.wkv(x, loop).view(bsz, seq, -1, self.head_dim).chunk(2, dim=2)
-        k = ops().apply_rope(k, cos, sin)
+        k = self.kernels.apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         group = q.shape[2] // k.shape[2]
@@ -156,6 +158,6 @@ class GQA(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1), loop)
 
 
-def build_attention(cfg: ModelConfig, n_loops: int = 0) -> nn.Module:
+def build_attention(cfg: ModelConfig, kernels: KernelDispatch, n_loops: int = 0) -> nn.Module:
     """MLA or GQA per ``cfg.attention.type``; ``n_loops > 0`` adds depth-wise LoRA adapters."""
-    return MLA(cfg, n_loops) if cfg.attention.type == "mla" else GQA(cfg, n_loops)
+    return MLA(cfg, kernels, n_loops) if cfg.attention.type == "mla" else GQA(cfg, kernels, n_loops)

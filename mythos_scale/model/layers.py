@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mythos_scale.kernels import ops
+from mythos_scale.kernels import KernelDispatch
 
 
 class RMSNorm(nn.Module):
@@ -58,15 +58,16 @@ class LoopLinear(nn.Module):
 class DenseFFN(nn.Module):
     """SwiGLU feed-forward: ``w_down(silu(w_gate x) * w_up x)``."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, kernels: KernelDispatch) -> None:
         super().__init__()
+        self.kernels = kernels
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
         self.w_down.is_output_projection = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(ops().swiglu(self.w_gate(x), self.w_up(x)))
+        return self.w_down(self.kernels.swiglu(self.w_gate(x), self.w_up(x)))
 
 
 class RotaryTable(nn.Module):

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mythos_scale.config import ModelConfig
-from mythos_scale.kernels import ops, select_kernels
+from mythos_scale.kernels import KernelDispatch, select_kernels
 from mythos_scale.model.attention import build_attention
 from mythos_scale.model.cache import KVCache
 from mythos_scale.model.layers import DenseFFN, LoopLinear, RMSNorm, RotaryTable
@@ -102,12 +102,12 @@ class _LoopRun(NamedTuple):
 class Block(nn.Module):
     """Pre-norm (optionally sandwich-norm) attention + FFN.  Core blocks use MoE and LoRA."""
 
-    def __init__(self, cfg: ModelConfig, core: bool) -> None:
+    def __init__(self, cfg: ModelConfig, core: bool, kernels: KernelDispatch) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = build_attention(cfg, cfg.max_loops if core else 0)
+        self.attn = build_attention(cfg, kernels, cfg.max_loops if core else 0)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg) if core and cfg.moe.enabled else DenseFFN(cfg.dim, cfg.dense_ffn_hidden)
+        self.ffn = MoE(cfg, kernels) if core and cfg.moe.enabled else DenseFFN(cfg.dim, cfg.dense_ffn_hidden, kernels)
         self.sandwich = cfg.sandwich_norm
         if self.sandwich:
             self.attn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -134,17 +134,21 @@ class MythosModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # This model's op implementations (model.kernels: fused where built, or the references):
+        # every module that runs a fused op holds the same dispatch; another model in the same
+        # process can choose differently.
+        self.kernels = kernels = select_kernels(cfg.kernels)
         self.default_loops = max(1, cfg.max_loops // 2)
         rope_dim = cfg.attention.qk_rope_head_dim if cfg.attention.type == "mla" else cfg.dim // cfg.n_heads
         self.rope = RotaryTable(rope_dim, cfg.max_seq_len, cfg.attention.rope_theta)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.prelude = nn.ModuleList(Block(cfg, core=False) for _ in range(cfg.prelude_layers))
+        self.prelude = nn.ModuleList(Block(cfg, False, kernels) for _ in range(cfg.prelude_layers))
         self.prelude_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.injection = LTIInjection(cfg)
         self.loop_embedding = LoopEmbedding(cfg)
-        self.core = nn.ModuleList(Block(cfg, core=True) for _ in range(cfg.core_layers))
+        self.core = nn.ModuleList(Block(cfg, True, kernels) for _ in range(cfg.core_layers))
         self.halting = HaltingUnit(cfg) if cfg.act.enabled else None
-        self.coda = nn.ModuleList(Block(cfg, core=False) for _ in range(cfg.coda_layers))
+        self.coda = nn.ModuleList(Block(cfg, False, kernels) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
@@ -237,7 +241,7 @@ class MythosModel(nn.Module):
         one cache (or stand-in) per core layer, or None.
         Returns ``(h_next, summed moe aux loss, expert counts (R, E) or empty)``."""
         first = self.core[0]
-        x, normed = ops().inject_rmsnorm(h, e_inj, a_bar, self.loop_embedding(loop).to(h.dtype),
+        x, normed = self.kernels.inject_rmsnorm(h, e_inj, a_bar, self.loop_embedding(loop).to(h.dtype),
                                          first.attn_norm.weight, self.cfg.norm_eps)
         aux = h.new_zeros((), dtype=torch.float32)
         counts = []
@@ -306,7 +310,7 @@ class MythosModel(nn.Module):
         absorb = cache.absorb if cache is not None else True
         h = self._initial_state(e)
         act_start = min(loops - grad_loops, loops - 1)
-        act = ACTAccumulator(e, self.cfg.act.threshold) if halting is not None else None
+        act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         aux_total = e.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
@@ -359,7 +363,7 @@ class MythosModel(nn.Module):
         h = torch.zeros_like(e)
         running = torch.ones(e.shape[:-1], dtype=torch.bool, device=e.device)
         loops_used = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
-        act = ACTAccumulator(e, self.cfg.act.threshold) if halting is not None else None
+        act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         kv_last: list[list[torch.Tensor] | None] = [None] * len(self.core)
         prev_logp = None
         for t in range(loops):
@@ -404,8 +408,7 @@ class MythosModel(nn.Module):
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> MythosModel:
     """Build and initialize the model (fp32, CPU).  ``seed`` makes the initialization independent
-    of the global RNG; None draws from it.  Selects the kernel implementation once."""
-    select_kernels(cfg.kernels)
+    of the global RNG; None draws from it."""
     model = MythosModel(cfg)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model.reset_parameters(generator)

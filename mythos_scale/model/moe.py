@@ -12,8 +12,8 @@ count tokens exactly nor hold a bias that moves by 1e-3 steps.
 Dispatch, all on the device with no host sync and no data-dependent shape: the N*k
 (token, slot) pairs are sorted by expert, ``rows[t, j]`` is the sorted row of token t's j-th
 expert and ``group_end[e]`` the end of expert e's rows (int32, the offsets of a grouped GEMM).
-``ops().moe_permute`` copies tokens to their sorted rows, the routed experts run as one
-grouped GEMM per projection (``torch.nn.functional.grouped_mm``), and ``ops().moe_unpermute``
+``kernels.moe_permute`` copies tokens to their sorted rows, the routed experts run as one
+grouped GEMM per projection (``torch.nn.functional.grouped_mm``), and ``kernels.moe_unpermute``
 gathers each token's k outputs and sums them gate-weighted in a fixed order.  Nothing is
 scatter-added, so the combine is deterministic on every device: an activation-checkpointing
 recompute reproduces the forward bitwise, and near-tie routing decisions downstream cannot flip.
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mythos_scale.config import ModelConfig
-from mythos_scale.kernels import ops
+from mythos_scale.kernels import KernelDispatch, select_kernels
 from mythos_scale.model.layers import DenseFFN, LoopLinear
 
 
@@ -49,8 +49,9 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as stacked weights, run on expert-sorted rows as grouped GEMMs."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+    def __init__(self, n_experts: int, dim: int, hidden: int, kernels: KernelDispatch) -> None:
         super().__init__()
+        self.kernels = kernels
         self.w_gate = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w_up = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden))
@@ -65,7 +66,7 @@ class RoutedExperts(nn.Module):
         def gmm(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return F.grouped_mm(rows, weight.transpose(-2, -1), offs=group_end)
 
-        return gmm(ops().swiglu(gmm(x_sorted, self.w_gate), gmm(x_sorted, self.w_up)), self.w_down)
+        return gmm(self.kernels.swiglu(gmm(x_sorted, self.w_gate), gmm(x_sorted, self.w_up)), self.w_down)
 
     def per_expert_loop(self, x_sorted: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
         """The same experts as a loop of ``F.linear``, for operands grouped_mm lacks (fp32 or
@@ -74,7 +75,7 @@ class RoutedExperts(nn.Module):
         views with one stacked gradient, not a zero-filled full-size gradient per expert."""
         sizes = torch.diff(group_end, prepend=group_end.new_zeros(1)).tolist()
         weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
-        return torch.cat([F.linear(ops().swiglu(F.linear(rows, gate), F.linear(rows, up)), down)
+        return torch.cat([F.linear(self.kernels.swiglu(F.linear(rows, gate), F.linear(rows, up)), down)
                           for rows, (gate, up, down) in zip(x_sorted.split(sizes), weights)])
 
 
@@ -82,8 +83,9 @@ class MoE(nn.Module):
     """Routed + shared experts.  ``forward`` returns ``(y, aux_loss, counts)``; counts are the
     tokens each expert received, (E,) int64, so the caller can accumulate them per depth."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch | None = None) -> None:
         super().__init__()
+        kernels = kernels or select_kernels(cfg.kernels)
         m = cfg.moe
         self.n_experts, self.top_k = m.n_routed_experts, m.top_k
         self.score_func, self.route_scale = m.score_func, m.route_scale
@@ -94,8 +96,9 @@ class MoE(nn.Module):
         self.register_buffer("balance_bias", torch.zeros(cfg.max_loops, self.n_experts, dtype=torch.float32))
         self.register_buffer("expert_counts", torch.zeros(cfg.max_loops, self.n_experts, dtype=torch.long),
                              persistent=False)
-        self.experts = RoutedExperts(self.n_experts, cfg.dim, m.expert_hidden)
-        self.shared = DenseFFN(cfg.dim, m.n_shared_experts * m.expert_hidden) if m.n_shared_experts > 0 else None
+        self.experts = RoutedExperts(self.n_experts, cfg.dim, m.expert_hidden, kernels)
+        shared_hidden = m.n_shared_experts * m.expert_hidden
+        self.shared = DenseFFN(cfg.dim, shared_hidden, kernels) if m.n_shared_experts > 0 else None
 
     def route(self, x: torch.Tensor, loop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, D).  Returns (scores (N, E) fp32, chosen experts (N, k), gates (N, k) fp32)."""
@@ -124,8 +127,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         scores, chosen, gates = self.route(flat, loop)
         rows, group_end = self.dispatch_plan(chosen)
-        y_sorted = self.experts(ops().moe_permute(flat, rows), group_end)
-        y = ops().moe_unpermute(y_sorted, rows, gates)
+        y_sorted = self.experts(self.experts.kernels.moe_permute(flat, rows), group_end)
+        y = self.experts.kernels.moe_unpermute(y_sorted, rows, gates)
         if self.shared is not None:
             y = y + self.shared(flat)
         aux = self._sequence_aux_loss(scores, chosen, bsz, seq) if self.aux_loss_coef > 0 else scores.new_zeros(())

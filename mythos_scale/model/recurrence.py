@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mythos_scale.config import ModelConfig
-from mythos_scale.kernels import ops
+from mythos_scale.kernels import KernelDispatch
 from mythos_scale.model.layers import sinusoidal
 
 
@@ -103,8 +103,8 @@ class ACTAccumulator:
     position ran in the window, a constant) and the remainder R (the halting step's weight
     ``1 - sum of earlier p``, which carries the gradient)."""
 
-    def __init__(self, like: torch.Tensor, threshold: float) -> None:
-        self.threshold = threshold
+    def __init__(self, like: torch.Tensor, threshold: float, kernels: KernelDispatch) -> None:
+        self.threshold, self.kernels = threshold, kernels
         self.cum = like.new_zeros(like.shape[:-1], dtype=torch.float32)
         self.acc = like.new_zeros(like.shape, dtype=torch.float32)
         self.steps = torch.zeros_like(self.cum)
@@ -117,7 +117,7 @@ class ACTAccumulator:
         cum, acc = (self.cum, self.acc) if rows is None else (self.cum[rows], self.acc[rows])
         running = cum < 1.0
         halts = running & ((cum + p >= self.threshold) | is_last)
-        w, cum, acc = ops().act_step(p, cum, acc, h.float(), self.threshold, is_last)
+        w, cum, acc = self.kernels.act_step(p, cum, acc, h.float(), self.threshold, is_last)
         steps = running.float()
         remainder = torch.where(halts, w, torch.zeros_like(w))
         if rows is None:

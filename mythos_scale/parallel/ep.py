@@ -33,7 +33,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from mythos_scale.kernels import ops
 from mythos_scale.model.moe import RoutedExperts
 from mythos_scale.parallel.layout import ParallelLayout
 from mythos_scale.parallel.shard import shard_parameter
@@ -70,8 +69,8 @@ class ExpertParallelExperts(RoutedExperts):
         total = sum(receive)
         x_in = all_to_all_single_autograd(x_sorted.contiguous(), receive, send, self.ep_group)
         rows, local_end = local_expert_order(received, total)
-        y_local = super().forward(ops().moe_permute(x_in, rows), local_end)
-        y_in = ops().moe_unpermute(y_local, rows, None)
+        y_local = super().forward(self.kernels.moe_permute(x_in, rows), local_end)
+        y_in = self.kernels.moe_unpermute(y_local, rows, None)
         return all_to_all_single_autograd(y_in, send, receive, self.ep_group)
 
 
