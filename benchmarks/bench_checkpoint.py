@@ -238,7 +238,7 @@ def main() -> None:
     for row in resharding:
         check = ", weights equal the saved ones" if row["weights_equal"] else ", WEIGHTS DIFFER from the saved ones"
         print(f"  load {row['from_ranks']} ranks -> {row['to_ranks']}:            {row['load_s']:6.2f} s   "
-              f"{row['bytes_read_per_rank'] / 1e6:7.0f} MB read per rank"
+              f"{row['bytes_read_per_rank'] / 1e6:7.0f} MB read per rank (mean)"
               f"{' (resharded)' if row['resharded'] else ' (same layout)'}{check}")
     if args.json:
         Path(args.json).write_text(json.dumps({"params": params, "rounds": rows, "median": med,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 SHAPES = {"col": ((8, 6), 0), "row": ((6, 8), 1), "norm": ((6,), None)}  # logical shape, TP-split dim
@@ -74,41 +75,20 @@ class HandSharded(nn.Module):
 
 
 class TensorParallelMPU:
-    """What DeepSpeed's ``mpu`` argument reads: the TP group and the data-parallel group."""
+    """What DeepSpeed's ``mpu`` argument reads: ``get_<kind>_group`` / ``_rank`` / ``_world_size``
+    for the TP group (kinds ``model_parallel``, ``tensor_model_parallel``) and the data-parallel
+    group (``data_parallel``)."""
 
     def __init__(self, tp_group, dp_group):
-        self.tp_group, self.dp_group = tp_group, dp_group
-
-    def get_model_parallel_group(self):
-        return self.tp_group
-
-    def get_model_parallel_rank(self):
-        import torch.distributed as dist
-        return dist.get_rank(self.tp_group)
-
-    def get_model_parallel_world_size(self):
-        import torch.distributed as dist
-        return dist.get_world_size(self.tp_group)
-
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-
-    def get_data_parallel_group(self):
-        return self.dp_group
-
-    def get_data_parallel_rank(self):
-        import torch.distributed as dist
-        return dist.get_rank(self.dp_group)
-
-    def get_data_parallel_world_size(self):
-        import torch.distributed as dist
-        return dist.get_world_size(self.dp_group)
+        for kind, group in (("model_parallel", tp_group), ("tensor_model_parallel", tp_group),
+                            ("data_parallel", dp_group)):
+            setattr(self, f"get_{kind}_group", lambda g=group: g)
+            setattr(self, f"get_{kind}_rank", lambda g=group: dist.get_rank(g))
+            setattr(self, f"get_{kind}_world_size", lambda g=group: dist.get_world_size(g))
 
 
 def sharded(folder: Path, zero_stage: int) -> None:
     import deepspeed
-    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from mythos_scale.config import config_from_dict
@@ -154,23 +134,19 @@ def sharded(folder: Path, zero_stage: int) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(safe_get_full_optimizer_state(p, key), want[key], msg=f"{name} {key}")
 
-    engine, layout = engine_for(tp=2)  # TP=2: step 1, save
-    step(engine, layout, grads[0])
-    check(engine, layout, 1)
-    saver = Checkpointer(folder / "tp2", cfg, layout)
-    saver.save(engine, 1, {"tokens_seen": 1})
-    saver.commit()
-    saver.close()
+    def step_and_save(engine, layout, steps: int, run: str) -> None:
+        step(engine, layout, grads[steps - 1])
+        check(engine, layout, steps)
+        saver = Checkpointer(folder / run, cfg, layout)
+        saver.save(engine, steps, {"tokens_seen": steps})
+        saver.commit()
+        saver.close()
 
+    step_and_save(*engine_for(tp=2), 1, "tp2")  # TP=2: step 1, save
     engine, layout = engine_for(tp=1)  # DP=2: resume, step 2, save
     Checkpointer(folder / "dp2", cfg, layout).load(engine, folder / "tp2" / "checkpoints" / "step_00000001")
     check(engine, layout, 1)
-    step(engine, layout, grads[1])
-    check(engine, layout, 2)
-    saver = Checkpointer(folder / "dp2", cfg, layout)
-    saver.save(engine, 2, {"tokens_seen": 2})
-    saver.commit()
-    saver.close()
+    step_and_save(engine, layout, 2, "dp2")
 
     engine, layout = engine_for(tp=2)  # TP=2 again: resume
     Checkpointer(folder / "tp2_again", cfg, layout).load(engine, folder / "dp2" / "checkpoints" / "step_00000002")

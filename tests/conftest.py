@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,24 @@ def run_train(run_root: Path, overrides: list[str], nproc: int = 1, timeout: int
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def start_train(run_root: Path, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
+    """A training run in the background, in its own session (``os.killpg`` ends all its ranks)."""
+    return subprocess.Popen(train_command(run_root, overrides, nproc), cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll ``predicate`` while ``proc`` (from :func:`start_train`) runs; kill it on a timeout."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_train, subprocess_env, train_command
+from conftest import REPO, free_port, run_train, start_train, subprocess_env, train_command, wait_for
 from mythos_scale.train.checkpoint import plan_stop, read_checkpoint_info, read_model_state
 from mythos_scale.train.checkpoint.checkpointer import SaveTimes
 from mythos_scale.train.checkpoint.format import (MANIFEST, CheckpointError, CheckpointReader, Piece, rank_file,
@@ -284,22 +284,6 @@ def test_resume_on_another_number_of_ranks(tmp_path, tiny_dataset, uninterrupted
             torch.testing.assert_close(final[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.02)
-
-
 def _latest(run: Path) -> str | None:
     path = run / "checkpoints" / "latest"
     return path.read_text().strip() if path.exists() else None
@@ -314,9 +298,9 @@ def test_kill_during_an_async_write_then_a_sync_resume(tmp_path, tiny_dataset, u
     resume point; resumed with synchronous saves, the run ends as the uninterrupted one (bitwise)
     and its files equal the background writer's byte for byte."""
     run = tmp_path / "r"
-    proc = _start(train_command(tmp_path, _args(tiny_dataset, "train.checkpoint.write_limit_mb_s=0.5")))
+    proc = start_train(tmp_path, _args(tiny_dataset, "train.checkpoint.write_limit_mb_s=0.5"))
     partial = _tag(run, 4) / rank_file(0)
-    _wait_for(lambda: _latest(run) == "step_00000002" and partial.exists() and partial.stat().st_size > 0, proc)
+    wait_for(lambda: _latest(run) == "step_00000002" and partial.exists() and partial.stat().st_size > 0, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     full = json.loads((_tag(uninterrupted[1], 4) / MANIFEST).read_text())["files"][rank_file(0)]["bytes"]
@@ -361,8 +345,8 @@ def test_sigterm_without_time_for_a_save_keeps_the_last_checkpoint(tmp_path, tin
     run = tmp_path / "r"
     args = _args(tiny_dataset, "train.max_steps=200", "train.checkpoint.every=3",
                  "train.checkpoint.write_limit_mb_s=1", "train.checkpoint.grace_s=3")
-    proc = _start(train_command(tmp_path, args))
-    _wait_for(lambda: _latest(run) == "step_00000003", proc)
+    proc = start_train(tmp_path, args)
+    wait_for(lambda: _latest(run) == "step_00000003", proc)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     output, _ = proc.communicate(timeout=120)

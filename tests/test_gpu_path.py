@@ -40,6 +40,7 @@ from mythos_scale.config import load_config
 from mythos_scale.kernels import reference
 from mythos_scale.model import MythosModel, update_balance_bias
 from mythos_scale.parallel.layout import LaunchError, ParallelLayout, cuda_device
+from mythos_scale.train.checkpoint import Checkpointer
 from mythos_scale.train.trainer import Trainer, sum_over_ranks
 
 CONFIG = REPO / "configs" / "mythos_770m.yaml"
@@ -252,18 +253,19 @@ def test_cpu_collectives_fail_on_an_nccl_only_group(nccl_only_group):
     assert cpu_layout.backend == "cpu:gloo,cuda:gloo"  # what every multi-rank CPU test runs DeepSpeed with
 
 
-def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_group):
-    """Stop flag, metrics, evaluation and balance counts: every collective is legal on the
+def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_group, tmp_path):
+    """Stop flag and checkpoint-writer poll, metrics, evaluation and balance counts: every collective is legal on the
     NCCL-only group; each then fails only where it reads the (fake) result on the host."""
     mode, model = fake_gpu
     layout = ParallelLayout(rank=0, world_size=1, local_rank=0, tp=1, ep=1, device=torch.device("cuda", 0))
     trainer = Trainer.__new__(Trainer)  # the collective methods need the layout, model and config only
     trainer.layout, trainer.engine, trainer.cfg = layout, model, cfg.model_copy(deep=True)
     trainer.cfg.train.eval_batches, trainer.cfg.train.loops.mean = 1, 1
+    trainer.checkpointer = Checkpointer(tmp_path, trainer.cfg, layout)  # no save in flight
     checks = GpuPathChecks()
     with mode, checks:
         trainer.val_loader = [fake_batch(cfg)]
-        calls = [trainer._any_rank_wants_stop, trainer.evaluate,
+        calls = [trainer._poll, trainer.evaluate,
                  lambda: sum_over_ranks([torch.ones((), device="cuda"), 2.0], layout.device),
                  lambda: update_balance_bias(model, 1e-3, all_reduce=dist.all_reduce)]
         for expected, call in enumerate(calls, start=1):

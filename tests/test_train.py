@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, run_train, subprocess_env, train_command
+from conftest import REPO, run_train, start_train, subprocess_env, train_command, wait_for
 from mythos_scale.train.checkpoint import read_model_state
 
 STEPS = 16
@@ -84,22 +84,6 @@ def test_resume_is_bitwise_exact(tmp_path, tiny_dataset, straight_run):
     _assert_same_as_straight(tmp_path / "r", straight_run)
 
 
-def _start(run_root: Path, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
-    return subprocess.Popen(train_command(run_root, overrides, nproc), cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("timed out waiting for the run")
-        time.sleep(0.05)
-
-
 def _steps_logged(run: Path) -> int:
     path = run / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -108,8 +92,8 @@ def _steps_logged(run: Path) -> int:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_interrupted_mid_run_then_resumed(tmp_path, tiny_dataset, straight_run, sig):
     args = [_data(tiny_dataset), "train.name=r", f"train.max_steps={STEPS}", "train.checkpoint.every=4"]
-    proc = _start(tmp_path, args)
-    _wait_for(lambda: (tmp_path / "r" / "checkpoints" / "latest").exists(), proc)  # past the first commit
+    proc = start_train(tmp_path, args)
+    wait_for(lambda: (tmp_path / "r" / "checkpoints" / "latest").exists(), proc)  # past the first commit
     os.killpg(proc.pid, sig)
     proc.wait(timeout=120)
     assert _steps_logged(tmp_path / "r") < STEPS, "the run ended before the signal: not a mid-run stop"
@@ -121,8 +105,8 @@ def test_interrupted_mid_run_then_resumed(tmp_path, tiny_dataset, straight_run, 
 
 def test_sigterm_saves_and_exits_75_on_every_rank(tmp_path, tiny_dataset):
     args = [_data(tiny_dataset), "train.name=r", "train.max_steps=50", "train.checkpoint.every=100"]
-    proc = _start(tmp_path, args, nproc=2)
-    _wait_for(lambda: _steps_logged(tmp_path / "r") >= 2, proc)
+    proc = start_train(tmp_path, args, nproc=2)
+    wait_for(lambda: _steps_logged(tmp_path / "r") >= 2, proc)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "mythos_scale.train" in " ".join(p.cmdline())
              and "--local_rank" in " ".join(p.cmdline())]
     assert len(ranks) == 2
@@ -309,7 +293,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_leaves_no_orphans(tmp_p
     args = [_data(tiny_dataset), "train.name=r", "train.max_steps=500", "train.checkpoint.every=1000"]
     proc = subprocess.Popen(_launcher_command(tmp_path, args, 2), cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _wait_for(lambda: _steps_logged(tmp_path / "r") >= 2, proc)
+    wait_for(lambda: _steps_logged(tmp_path / "r") >= 2, proc)
     ranks = [p for p in psutil.Process(proc.pid).children() if "mythos_scale.train" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     proc.send_signal(signal.SIGTERM)  # the launcher only, not its process group
@@ -331,7 +315,7 @@ def test_ctrl_c_saves_and_exits_75_without_traceback(tmp_path, tiny_dataset):
     proc = subprocess.Popen(train_command(tmp_path, [_data(tiny_dataset), "train.name=r", "train.max_steps=500"]),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    _wait_for(lambda: _steps_logged(tmp_path / "r") >= 2, proc)
+    wait_for(lambda: _steps_logged(tmp_path / "r") >= 2, proc)
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75 and "stop requested (SIGINT)" in output, output[-3000:]
