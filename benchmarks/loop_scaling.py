@@ -30,20 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mythos_scale.config import Config, load_config
 from mythos_scale.data.loader import build_val_loader, resolve_dataset
 from mythos_scale.data.manifest import TOKENIZER_NAME
 from mythos_scale.data.tokenizer import load_tokenizer
+from mythos_scale.eval.evaluate import EvalMode, evaluate
+from mythos_scale.eval.generate import Sampling, generate
+from mythos_scale.eval.text_bytes import token_byte_lengths
 from mythos_scale.parallel import init_distributed
 from mythos_scale.train.trainer import Trainer
 
@@ -51,71 +52,11 @@ SINGLE_LOOP = ["train.loops.sampler=fixed", "train.loops.mean=1", "train.loops.m
                "train.loops.backprop_depth=1"]
 
 
-def byte_level_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's byte-to-printable-character map used by byte-level BPE."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def token_byte_lengths(dataset_dir: Path, vocab_size: int) -> torch.Tensor:
-    """UTF-8 bytes each token id decodes to (0 for special tokens and ids the tokenizer lacks)."""
-    tok = load_tokenizer(dataset_dir / TOKENIZER_NAME).tokenizer
-    decoder = byte_level_decoder()
-    lengths = torch.zeros(vocab_size, dtype=torch.float64)
-    specials = {t.content for t in tok.get_added_tokens_decoder().values()}
-    for token, idx in tok.get_vocab(with_added_tokens=True).items():
-        if token in specials or idx >= vocab_size:
-            continue
-        if not all(c in decoder for c in token):
-            raise ValueError(f"token {token!r} is not byte-level BPE: cannot count its bytes")
-        lengths[idx] = len(token)
-    return lengths
-
-
-@torch.no_grad()
-def bits_per_byte(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                  byte_lengths: torch.Tensor, n_loops: int, progress: tqdm, **exit_kwargs) -> dict[str, float]:
-    """Held-out bits/byte of ``model`` run at ``n_loops``, plus its mean loops used when adaptive."""
-    model.eval()
-    nats, n_bytes, loops_used, n_tokens = 0.0, 0.0, 0.0, 0
-    for inputs, labels in batches:
-        out = model(inputs, n_loops=n_loops, **exit_kwargs)
-        nats += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
-        n_bytes += byte_lengths[labels].sum().item()
-        if "mean_loops" in out.stats:
-            loops_used += out.stats["mean_loops"].item() * labels.numel()
-        n_tokens += labels.numel()
-        progress.update()
-    row = {"bits_per_byte": nats / math.log(2) / n_bytes, "nats_per_token": nats / n_tokens,
-           "bytes_per_token": n_bytes / n_tokens}
-    if loops_used:
-        row["mean_loops_used"] = loops_used / n_tokens
-    return row
-
-
-@torch.no_grad()
-def decode(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, n_loops: int,
-           exit_threshold: float) -> dict[str, float]:
-    """Greedy token-by-token decoding with a KV cache; tokens/s and mean loops per decoded token."""
-    model.eval()
-    bsz, prompt_len = prompts.shape
-    cache = model.new_cache(bsz, max_len=prompt_len + new_tokens)
-    out = model(prompts, n_loops, cache=cache, exit_threshold=exit_threshold)
-    start, used = time.perf_counter(), []
-    for i in range(new_tokens):
-        out = model(out.logits[:, -1:].argmax(-1), n_loops, cache=cache, start_pos=prompt_len + i,
-                    exit_threshold=exit_threshold)
-        used.append(out.loops_used.float().mean().item())
-    seconds = time.perf_counter() - start
-    return {"exit_threshold": exit_threshold, "tokens_per_s": bsz * new_tokens / seconds,
-            "mean_loops": sum(used) / len(used)}
+def decode_speed(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, n_loops: int,
+                 exit_threshold: float) -> dict[str, float]:
+    """Greedy decoding through the KV cache: tokens/s and mean loops per decoded token."""
+    out = generate(model, prompts, new_tokens, n_loops, Sampling(temperature=0.0), exit_threshold=exit_threshold)
+    return {"exit_threshold": exit_threshold, "tokens_per_s": out.decode_tokens_per_s, "mean_loops": out.mean_loops}
 
 
 def train(cfg: Config, layout) -> tuple[torch.nn.Module, float]:
@@ -134,10 +75,10 @@ def exit_study(model: torch.nn.Module, batches: list, byte_lengths: torch.Tensor
     rows = []
     with tqdm(total=len(thresholds) * len(batches), desc="KL exit", unit="batch") as progress:
         for tau in thresholds:
-            rows.append(dict(exit_threshold=tau, **bits_per_byte(model, batches, byte_lengths, n_loops, progress,
-                                                                exit_threshold=tau)))
+            rows.append(evaluate(model, batches, n_loops, EvalMode(f"kl{tau:g}", exit_threshold=tau), byte_lengths,
+                                 progress))
     prompts = torch.cat([b[0] for b in batches])[:4, :32]
-    speed = [decode(model, prompts, 32, n_loops, tau) for tau in (0.0, *[t for t in thresholds if t > 0])]
+    speed = [decode_speed(model, prompts, 32, n_loops, tau) for tau in (0.0, *[t for t in thresholds if t > 0])]
     return {"loops": n_loops, "held_out": rows, "decode": speed}
 
 
@@ -265,7 +206,7 @@ def main() -> None:
     first = next(iter(configs.values()))
     dataset = resolve_dataset(first.data.sources[0].path, first.data.cache_dir, first.data.seq_len,
                               first.model.vocab_size)
-    byte_lengths = token_byte_lengths(dataset, first.model.vocab_size)
+    byte_lengths = token_byte_lengths(load_tokenizer(dataset / TOKENIZER_NAME).tokenizer, first.model.vocab_size)
     val = build_val_loader(first.data, micro_batch_size=first.train.micro_batch_size, dp_rank=0, dp_world=1,
                            vocab_size=first.model.vocab_size)
     batches = list(val)
@@ -285,7 +226,7 @@ def main() -> None:
                "train_seconds": seconds, "loops": loops.model_dump(), "eval": {}}
         with tqdm(total=len(eval_loops) * len(batches), desc=f"eval {name}", unit="batch") as progress:
             for t in eval_loops:
-                res["eval"][str(t)] = bits_per_byte(model, batches, byte_lengths, t, progress)
+                res["eval"][str(t)] = evaluate(model, batches, t, EvalMode("loops"), byte_lengths, progress)
         if name == "looped" and not cfg.model.act.enabled and args.exit_thresholds:
             res["kl_exit"] = exit_study(model, batches, byte_lengths, 4 * mean,
                                         [float(x) for x in args.exit_thresholds.split(",")])

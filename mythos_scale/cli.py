@@ -11,6 +11,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("mythos_scale.data.cli", "train a tokenizer, prepare MDS shards, the embedded corpus"),
     "train": ("mythos_scale.train.cli", "pretrain with DeepSpeed (alone or under a launcher)"),
     "plot": ("mythos_scale.train.plots", "PNG plots of a run: loss, loss vs loop count, expert load"),
+    "eval": ("mythos_scale.eval.cli", "held-out loss, perplexity, bits per byte at several loop counts (and early exit)"),
+    "generate": ("mythos_scale.eval.generate_cli", "sample text with the compressed KV cache, tokens/s, loops used"),
+    "ckpt": ("mythos_scale.eval.ckpt_cli", "inspect a checkpoint, or export it as one model.safetensors"),
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -238,6 +238,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0 disables periodic validation
     eval_batches: int = Field(4, ge=1)
+    # Loop counts the periodic validation also runs at (TensorBoard val/loss_at_loops/T<n>, one
+    # scalar per count): the loss-vs-loops curve, watched live.  val/loss stays at loops.mean.
+    eval_loops: list[Annotated[int, Field(ge=1)]] = []
     max_nonfinite_steps: int = Field(5, ge=1)
     # Stop (after saving) once this process has run this many steps; 0 = no limit.  For
     # allocations shorter than the run: the next job resumes where this one stopped.

@@ -4,7 +4,7 @@ The lines are parsed out of README.md.  Each ``mythos ...`` line runs as written
 ``python -m mythos_scale.cli``) in a scratch folder that holds this repository's ``configs/``
 and ``mythos_scale/``, with tiny sizes appended so that the walk takes a minute or two on 2 CPU
 cores: train lines get the suite's tiny model, 32-token sequences and 3 steps; data lines a
-512-token vocabulary and 32-token sequences.  Not run, and checked to be exactly these:
+512-token vocabulary and 32-token sequences; eval lines 2 batches, generate lines 8 new tokens.  Not run, and checked to be exactly these:
 ``pip install`` (the suite already runs on the installed package) and the lines that need a GPU
 node, a cluster or a long-running server (``bash launch/gpu_smoke.sh``, which
 tests/test_gpu_path.py runs on the CPU instead, ``deepspeed --num_gpus 8``, ``sbatch``,
@@ -56,6 +56,10 @@ def tiny_sizes(args: list[str], cache: Path) -> list[str]:
         return ["--vocab-size", "512"]
     if args[:2] == ["data", "prepare"]:
         return ["--seq-len", "32"]
+    if args[0] == "eval":
+        return ["--max-batches", "2"]
+    if args[0] == "generate":
+        return ["--max-new-tokens", "8"]  # the tiny model's max_seq_len is 32
     return []
 
 
@@ -93,3 +97,8 @@ def test_readme_using_it_lines_work_in_order(tmp_path, tmp_path_factory):
         rows = (runs / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
     assert {p.name for p in (work / "data").iterdir()} == {"stdlib", "tok.json", "mine"}
+    assert (main_job / "plots" / "eval_loops.png").is_file()
+    evaluated = next(proc for args, proc in ran if args[:2] == ["eval", "--checkpoint"])
+    assert [r["loops"] for r in json.loads(evaluated.stdout)["rows"]] == [4, 4]  # all loops, KL exit
+    assert {p.name for p in (work / "exported" / "tiny_cpu").iterdir()} == {
+        "model.safetensors", "config.yaml", "tokenizer.json", "export.json"}

@@ -30,7 +30,9 @@ API (what ``mythos eval`` / ``mythos generate`` build on)::
   ``KL(p_t || p_{t-1}) < exit_threshold`` (nats; Huginn uses ~5e-4).  0 runs all T loops.  The
   exit check of a position sees its neighbours' current states, so a full-sequence call and
   token-by-token decoding can exit at slightly different iterations.
-- ACT models (``model.act.enabled``) in ``eval()`` mode halt per token by their halting unit.
+- ACT models (``model.act.enabled``) in ``eval()`` mode halt per token by their halting unit;
+  ``act=False`` runs such a model without it (all T loops, the coda reading ``h_T``; the KL
+  exit then applies too), to measure what the halting changes.
 
 Early exit, either way, is per token: an exited position's state is frozen (ACT: its weighted
 sum), and the later iterations of the other positions see the keys/values of its last computed
@@ -256,7 +258,8 @@ class MythosModel(nn.Module):
         return x, aux, torch.stack(counts) if counts else h.new_zeros(0)
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, backprop_depth: int | None = None,
-                cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None) -> ModelOutput:
+                cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None,
+                act: bool = True) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         loops = self.default_loops if n_loops is None else n_loops
@@ -268,9 +271,9 @@ class MythosModel(nn.Module):
         if exit_threshold is not None:
             if self.training:
                 raise ValueError("exit_threshold (the KL early exit) is for inference: call model.eval() first")
-            if self.halting is not None:
+            if self.halting is not None and act:
                 raise ValueError("exit_threshold: this model halts by ACT (model.act.enabled); "
-                                 "the KL exit applies to models without ACT")
+                                 "the KL exit applies to models without ACT (or to act=False)")
             if exit_threshold < 0:
                 raise ValueError(f"exit_threshold must be >= 0 (0 = run all loops), got {exit_threshold}")
         if cache is not None:
@@ -279,10 +282,11 @@ class MythosModel(nn.Module):
         e = self.prelude_norm(self._dense_stack(self.embed(input_ids), self.prelude, "prelude", cache, start_pos))
         e_inj = self.injection.inject(e).to(e.dtype)
         a_bar = self.injection.a_bar()
-        if not self.training and (self.halting is not None or exit_threshold is not None):
-            run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), loops, cache, start_pos, exit_threshold)
+        halting = self.halting if act else None
+        if not self.training and (halting is not None or exit_threshold is not None):
+            run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), loops, cache, start_pos, exit_threshold, halting)
         else:
-            run = self._loops(e, e_inj, a_bar.to(e.dtype), loops, grad_loops, cache, start_pos)
+            run = self._loops(e, e_inj, a_bar.to(e.dtype), loops, grad_loops, cache, start_pos, halting)
         stats = dict(run.stats, rho_a_bar=a_bar.detach().max(), mean_loops=run.loops_used.float().mean())
         with torch.no_grad():
             if run.out.shape[1] > 1:
@@ -299,7 +303,7 @@ class MythosModel(nn.Module):
         return torch.zeros_like(e)
 
     def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int, grad_loops: int,
-               cache: KVCache | None, start_pos: int) -> _LoopRun:
+               cache: KVCache | None, start_pos: int, halting: HaltingUnit | None) -> _LoopRun:
         """All positions run all ``loops`` iterations (training, and inference without early exit).
 
         Truncated backprop: the first ``loops - grad_loops`` run without grad.  ACT halts and charges
@@ -310,7 +314,7 @@ class MythosModel(nn.Module):
         absorb = cache.absorb if cache is not None else True
         h = self._initial_state(e)
         act_start = min(loops - grad_loops, loops - 1)
-        act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if self.halting is not None else None
+        act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         aux_total = e.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
             input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
@@ -331,7 +335,7 @@ class MythosModel(nn.Module):
                 if carries_grad:
                     aux_total = aux_total + aux
                 if act is not None and t >= act_start:
-                    act.step(self.halting(h_next), h_next, is_last=t == loops - 1)
+                    act.step(halting(h_next), h_next, is_last=t == loops - 1)
             if self.training and counts.numel():
                 depth = min(t, self.cfg.max_loops - 1)
                 for block, block_counts in zip(self.core, counts):
@@ -360,7 +364,7 @@ class MythosModel(nn.Module):
     @torch.no_grad()
     def _adaptive_loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int,
                         cache: KVCache | None, start_pos: int, exit_threshold: float | None,
-                        ) -> _LoopRun:
+                        halting: HaltingUnit | None) -> _LoopRun:
         """Inference with per-token early exit: ACT halting, or the KL exit (Huginn) when
         ``KL(p_t || p_{t-1}) < exit_threshold`` between the output distributions of two successive
         iterations.  An exited position stops: its state is frozen and later iterations of the
@@ -372,7 +376,7 @@ class MythosModel(nn.Module):
         h = torch.zeros_like(e)
         running = torch.ones(e.shape[:-1], dtype=torch.bool, device=e.device)
         loops_used = torch.zeros(e.shape[:-1], dtype=torch.long, device=e.device)
-        act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if self.halting is not None else None
+        act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         kv_last: list[list[torch.Tensor] | None] = [None] * len(self.core)
         prev_logp = None
         for t in range(loops):
@@ -400,7 +404,7 @@ class MythosModel(nn.Module):
             h[rows] = torch.where(live.unsqueeze(-1), h_new, pick(h))
             loops_used[rows] += live.long()
             if act is not None:
-                halts = act.step(self.halting(h_new), h_new, is_last=t == loops - 1, rows=rows)
+                halts = act.step(halting(h_new), h_new, is_last=t == loops - 1, rows=rows)
                 running[rows] = live & ~halts
             elif t < loops - 1:  # the KL exit: compare this iteration's prediction with the last one's
                 logp = F.log_softmax(self._coda_logits(h[rows], cache, start_pos, subset).float(), dim=-1)

@@ -401,19 +401,23 @@ class Trainer:
     # ------------------------------------------------------------------ eval
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss at the training mean loop count (``val/loss``) and at each of
+        ``train.eval_loops`` (``val/loss_at_loops/T<n>``), averaged over ranks in one collective."""
         self.engine.eval()
-        total, count = torch.zeros((), device=self.layout.device), 0
-        n_loops = self.cfg.train.loops.mean
+        t = self.cfg.train
+        tags = {"val/loss": t.loops.mean, **{f"val/loss_at_loops/T{n:02d}": n for n in t.eval_loops}}
+        totals, count = {tag: torch.zeros((), device=self.layout.device) for tag in tags}, 0
         for i, (inputs, labels) in enumerate(self.val_loader):
-            if i >= self.cfg.train.eval_batches:
+            if i >= t.eval_batches:
                 break
-            out = self.engine(inputs.to(self.layout.device), n_loops=n_loops)
-            total += self._lm_loss(out.logits.float(), labels.to(self.layout.device))
+            inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
+            for tag, n_loops in tags.items():
+                totals[tag] += self._lm_loss(self.engine(inputs, n_loops=n_loops).logits.float(), labels)
             count += 1
         self.engine.train()
-        loss_sum, batches = sum_over_ranks([total, float(count)], self.layout.device)
-        return loss_sum / max(batches, 1.0)
+        *sums, batches = sum_over_ranks([*totals.values(), float(count)], self.layout.device)
+        return {tag: s / max(batches, 1.0) for tag, s in zip(tags, sums)}
 
     # ------------------------------------------------------------------ the loop
 
@@ -439,7 +443,7 @@ class Trainer:
                 interval_steps += 1
                 interval_flops += self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"]))
                 if self.val_loader is not None and self.step % t.eval_every == 0:
-                    metrics["val/loss"] = self.evaluate()
+                    metrics.update(self.evaluate())
                 logged = self.step % t.log_every == 0 or self.step == last_step
                 if logged:
                     now = time.perf_counter()
