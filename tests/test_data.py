@@ -555,6 +555,26 @@ def _independent_main(index: int, dataset: str, out: str) -> None:
     Path(out, f"proc{index}.json").write_text(json.dumps(batches))
 
 
+def test_a_lost_shared_memory_race_is_retried_with_new_streams(corpus, monkeypatch):
+    """Losing the shared-memory registration race to another process (FileExistsError) is
+    retried; streaming has already applied weights to that attempt's streams, so a retry with
+    the same Stream objects would fail with a conflicting-weights error."""
+    import streaming.base.dataset as streaming_dataset
+
+    real, calls = streaming_dataset.get_shm_prefix, []
+
+    def lose_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileExistsError("another process registered this prefix first")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming_dataset, "get_shm_prefix", lose_once)
+    loader = build_train_loader(_cfg(corpus["dataset"]), micro_batch_size=2, dp_rank=0, dp_world=1,
+                                vocab_size=320)
+    assert len(calls) == 2 and next(loader)[0].shape[0] == 2
+
+
 def test_independent_processes_on_one_machine(corpus, tmp_path):
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")

@@ -228,8 +228,8 @@ def _open_reader(sources: list[_Source], split: str, cfg: DataConfig) -> Streami
                             f"--val-fraction 0?)")
         if source.remote is None:
             _verify_split(source, split, cfg.seq_len, cfg.verify_shards)
-    reader = _streaming_dataset([Stream(remote=f"{s.remote}/{split}" if s.remote else None,
-                                        local=str(s.root / split)) for s in sources])
+    reader = _streaming_dataset([(f"{s.remote}/{split}" if s.remote else None, str(s.root / split))
+                                 for s in sources])
     for source, samples in zip(sources, reader.samples_per_stream.tolist()):
         if samples != source.manifest.splits[split].sequences:
             raise DataError(f"{source.name}/{split}: the shard index lists {samples} sequences, "
@@ -237,15 +237,17 @@ def _open_reader(sources: list[_Source], split: str, cfg: DataConfig) -> Streami
     return reader
 
 
-def _streaming_dataset(streams: list[Stream]) -> StreamingDataset:
-    # Independent processes may register a shared-memory prefix at the same instant; a process
-    # on its own can retry, a process group cannot (the attempt is collective).
+def _streaming_dataset(remote_local: list[tuple[str | None, str]]) -> StreamingDataset:
+    """A StreamingDataset over ``(remote, local)`` streams.  Independent processes may register a
+    shared-memory prefix at the same instant; a process on its own can retry, a process group
+    cannot (the attempt is collective).  Each attempt gets new Stream objects: a failed one leaves
+    its streams with defaults applied, which the next would refuse as conflicting weights."""
     retries = 0 if dist.is_available() and dist.is_initialized() else 10
     for attempt in itertools.count():
         try:
             with _streaming_world():
-                return StreamingDataset(streams=streams, validate_hash="xxh64", shuffle=False,
-                                        batch_size=1)
+                return StreamingDataset(streams=[Stream(remote=remote, local=local) for remote, local in remote_local],
+                                        validate_hash="xxh64", shuffle=False, batch_size=1)
         except FileExistsError:
             if attempt == retries:
                 raise
