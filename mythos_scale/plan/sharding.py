@@ -96,18 +96,19 @@ class ModelParts:
     dense_layer_flops: Parts      # forward FLOPs per token of one prelude / coda block
     core_iteration_flops: Parts   # forward FLOPs per token of one loop iteration (all core blocks)
     outside_flops: Parts          # injection B and LM head, once per forward
+    halting_flops: Parts          # the ACT unit, in each grad-carrying iteration (at least one)
 
     def _once(self, cfg: ModelConfig) -> Parts:
         return self.outside_flops + (cfg.prelude_layers + cfg.coda_layers) * self.dense_layer_flops
 
     def backward_flops_per_token(self, cfg: ModelConfig, backprop_depth: int) -> Parts:
         """2x the forward of what gradients flow through: all but the T - k no-grad iterations."""
-        return 2 * (self._once(cfg) + backprop_depth * self.core_iteration_flops)
+        return 2 * (self._once(cfg) + backprop_depth * (self.core_iteration_flops + self.halting_flops))
 
     def step_flops_per_token(self, cfg: ModelConfig, loops: int, backprop_depth: int, recompute: bool) -> Parts:
         """Hardware FLOPs per token of one training step: forward, backward and, with
         checkpointing, the recomputed iterations."""
-        forward = self._once(cfg) + loops * self.core_iteration_flops
+        forward = self._once(cfg) + loops * self.core_iteration_flops + max(backprop_depth, 1) * self.halting_flops
         recomputed = backprop_depth * self.core_iteration_flops if recompute else Parts()
         return forward + self.backward_flops_per_token(cfg, backprop_depth) + recomputed
 
@@ -122,10 +123,9 @@ def model_parts(cfg: ModelConfig, seq_len: int) -> ModelParts:
     model_level = v * d + 2 * d + d * d + d + loop_embedding + halting + d + (0 if cfg.tie_embeddings else v * d)
     params = ((cfg.prelude_layers + cfg.coda_layers) * dense_params + cfg.core_layers * core_params
               + Parts(replicated=model_level))
-    act_flops = Parts(replicated=2 * d) if cfg.act.enabled else Parts()
-    return ModelParts(params=params, dense_layer_flops=dense_flops,
-                      core_iteration_flops=cfg.core_layers * core_flops + act_flops,
-                      outside_flops=Parts(replicated=2 * d * d + 2 * d * v))
+    return ModelParts(params=params, dense_layer_flops=dense_flops, core_iteration_flops=cfg.core_layers * core_flops,
+                      outside_flops=Parts(replicated=2 * d * d + 2 * d * v),
+                      halting_flops=Parts(replicated=2 * d) if cfg.act.enabled else Parts())
 
 
 @dataclass(frozen=True)
