@@ -280,7 +280,7 @@ def test_resume_on_another_number_of_ranks(tmp_path, tiny_dataset, uninterrupted
         run = tmp_path / f"n{nproc}" / "r"
         shutil.copytree(two_rank_run(stage), run)
         proc = run_train(run.parent, _args(tiny_dataset, f"train.zero_stage={other}", *extra), nproc=nproc)
-        assert (f"resharded step_00000004 from 2 ranks (dp 2, tp 1, ep 1, ZeRO-{stage}) to {nproc} ranks "
+        assert (f"resharded step_00000004 from 2 ranks (dp 2, tp 1, ep 1, ZeRO-{stage}) to {nproc} rank{'s' if nproc > 1 else ''} "
                 f"(dp {nproc}, tp 1, ep 1, ZeRO-{other})") in proc.stderr
         assert "the data continues at sample 16 of the global stream" in proc.stderr
         losses, reference = _losses(run), _losses(uninterrupted[nproc])

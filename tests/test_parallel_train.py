@@ -72,7 +72,7 @@ def test_tp2_ep2_resume_is_exact_and_reshards_to_one_rank(tmp_path, tiny_dataset
     # the step-2 checkpoint of TP=2 x EP=2 resumed on 1 rank, against an uninterrupted 1-rank run
     run_train(tmp_path / "single", args, timeout=600)
     moved = run_train(tmp_path / "one_rank", args, timeout=600)
-    assert ("resharded step_00000002 from 4 ranks (dp 2, tp 2, ep 2, ZeRO-1) to 1 ranks (dp 1, tp 1, ep 1, "
+    assert ("resharded step_00000002 from 4 ranks (dp 2, tp 2, ep 2, ZeRO-1) to 1 rank (dp 1, tp 1, ep 1, "
             "ZeRO-1)") in moved.stderr
     assert "the data continues at sample 8 of the global stream" in moved.stderr
     single, one_rank = _losses(tmp_path / "single" / "r"), _losses(tmp_path / "one_rank" / "r")

@@ -562,7 +562,8 @@ class Checkpointer:
         resharded = None
         if saved != mine:
             def describe(lay: dict[str, int]) -> str:
-                return (f"{lay['world_size']} ranks (dp {lay['dp']}, tp {lay['tp']}, ep {lay['ep']}, "
+                ranks = f"{lay['world_size']} rank" + ("s" if lay["world_size"] != 1 else "")
+                return (f"{ranks} (dp {lay['dp']}, tp {lay['tp']}, ep {lay['ep']}, "
                         f"ZeRO-{lay['zero_stage']})")
 
             resharded = (f"resharded {tag_dir.name} from {describe(saved)} to {describe(mine)}: fp32 master weights, "
