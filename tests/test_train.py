@@ -307,7 +307,7 @@ def test_sigterm_to_the_launcher_saves_on_every_rank_and_leaves_no_orphans(tmp_p
     # One process resumes it: resharded, and the log says from what to what.
     one = run_train(tmp_path, [*args, "train.exit_after_steps=1"])
     assert f"resumed from {tag}" in one.stderr
-    assert f"resharded {tag} from 2 ranks (dp 2, tp 1, ep 1, ZeRO-1) to 1 ranks (dp 1" in one.stderr
+    assert f"resharded {tag} from 2 ranks (dp 2, tp 1, ep 1, ZeRO-1) to 1 rank (dp 1" in one.stderr
 
 
 def test_ctrl_c_saves_and_exits_75_without_traceback(tmp_path, tiny_dataset):
