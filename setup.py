@@ -24,6 +24,10 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "pyarrow>=14",
+    "numpy>=1.24",
+    "psutil>=5.9",
+    "filelock>=3.12",
+    "xxhash>=3.0",  # checkpoint file checksums (xxh3)
 ]
 
 EXTRAS = {
