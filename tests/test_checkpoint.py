@@ -29,7 +29,7 @@ import torch
 
 from conftest import REPO, free_port, run_train, start_train, subprocess_env, train_command, wait_for
 from mythos_scale.train.checkpoint import plan_stop, read_checkpoint_info, read_model_state
-from mythos_scale.train.checkpoint.checkpointer import SaveTimes
+from mythos_scale.train.checkpoint.checkpointer import STOP_MARGIN_S, SaveTimes
 from mythos_scale.train.checkpoint.format import (MANIFEST, CheckpointError, CheckpointReader, Piece, rank_file,
                                                   tensor_key)
 from mythos_scale.train.checkpoint.writer import WriteJob
@@ -351,11 +351,14 @@ def test_ranks_whose_views_differ_resume_from_the_same_step(tmp_path, tiny_datas
 
 
 def test_sigterm_without_time_for_a_save_keeps_the_last_checkpoint(tmp_path, tiny_dataset):
-    """grace_s=3: after a measured save of ~2 s (writes capped at 1 MB/s), a SIGTERM finds no time
-    for another one: the run says so, keeps its last committed checkpoint and exits 75 in time."""
+    """After a measured save of ~2 s (writes capped at 1 MB/s), a SIGTERM finds no time for another
+    one: the run says so, keeps its last committed checkpoint and exits 75 in time.  The grace time
+    is the exit margin alone, so the time left for saving is <= 0 whenever the SIGTERM arrives: a
+    save in flight (step 6's starts as step 3's commits) cannot be finished either, and the outcome
+    does not depend on how far that save got when the signal came."""
     run = tmp_path / "r"
     args = _args(tiny_dataset, "train.max_steps=200", "train.checkpoint.every=3",
-                 "train.checkpoint.write_limit_mb_s=1", "train.checkpoint.grace_s=3")
+                 "train.checkpoint.write_limit_mb_s=1", f"train.checkpoint.grace_s={STOP_MARGIN_S}")
     proc = start_train(tmp_path, args)
     wait_for(lambda: _latest(run) == "step_00000003", proc)
     proc.send_signal(signal.SIGTERM)
