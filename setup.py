@@ -31,7 +31,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
     "gpu": ["flash-attn>=2.5"],
 }
 

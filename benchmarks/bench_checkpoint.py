@@ -99,8 +99,8 @@ def _reshard_rank(rank: int, world: int, port: int, overrides: list[str], folder
     _skip_deepspeed_shm_op()
     import torch.distributed as dist
 
+    from mythos_scale.checkpoint import Checkpointer
     from mythos_scale.config import load_config
-    from mythos_scale.train.checkpoint import Checkpointer
 
     cfg = load_config("configs/tiny_cpu.yaml", [*MODEL, f"train.global_batch_size={2 * world}",
                                                 "train.micro_batch_size=2", "train.checkpoint.async_save=false",
@@ -128,7 +128,7 @@ def reshard(source: int, targets: list[int], overrides: list[str], root: Path) -
     """Save on ``source`` ranks, load on each of ``targets``; the figures per target."""
     import socket
 
-    from mythos_scale.train.checkpoint import read_checkpoint_info, read_model_state
+    from mythos_scale.checkpoint import read_checkpoint_info, read_model_state
 
     def launch(world: int, save: bool) -> list[dict]:
         with socket.socket() as sock:
@@ -170,8 +170,8 @@ def main() -> None:
     from mythos_scale.train.trainer import _skip_deepspeed_shm_op
 
     _skip_deepspeed_shm_op()
+    from mythos_scale.checkpoint import Checkpointer
     from mythos_scale.config import load_config
-    from mythos_scale.train.checkpoint import Checkpointer
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -222,7 +222,8 @@ def main() -> None:
     print(f"model {params / 1e6:.1f}M parameters, checkpoint {med['bytes'] / 1e9:.2f} GB (fp32 master + Adam "
           f"moments), {args.rounds} rounds, medians; {args.threads} threads; writing to {root}")
     print(f"  disk (os.write + fsync):           {med['disk_s']:6.2f} s   {disk_rate / 1e6:7.0f} MB/s")
-    print(f"  sync save (step loop waits):       {med['sync_s']:6.2f} s   writer {med['bytes'] / med['sync_write_s'] / 1e6:7.0f} MB/s")
+    sync_rate = med['bytes'] / med['sync_write_s'] / 1e6
+    print(f"  sync save (step loop waits):       {med['sync_s']:6.2f} s   writer {sync_rate:7.0f} MB/s")
     print(f"  async save, step loop waits:       {med['async_wait_s']:6.2f} s   (host copy + commit)")
     print(f"  async write in the background:     {med['async_write_s']:6.2f} s   writer {write_rate / 1e6:7.0f} MB/s "
           f"= {write_rate / disk_rate:.0%} of the disk's")

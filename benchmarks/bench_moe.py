@@ -197,7 +197,8 @@ def expert_parallel(args: argparse.Namespace) -> dict:
               f"allocated")
     base, ep = result["ep1"], result[f"ep{args.ep}"]
     result["time_ratio"] = ep["median_s"] / base["median_s"]
-    print(f"EP={args.ep}: {result['time_ratio']:.2f}x the time of EP=1, {ep['expert_weight_bytes'] / base['expert_weight_bytes']:.2f}x "
+    weight_ratio = ep['expert_weight_bytes'] / base['expert_weight_bytes']
+    print(f"EP={args.ep}: {result['time_ratio']:.2f}x the time of EP=1, {weight_ratio:.2f}x "
           f"the expert weights per rank ({args.ep} gloo ranks x {max(1, args.threads // args.ep)} thread(s), "
           f"{args.tokens} tokens per rank)")
     return result

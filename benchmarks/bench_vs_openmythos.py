@@ -22,7 +22,7 @@ import importlib.util
 import json
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

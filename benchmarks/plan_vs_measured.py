@@ -48,10 +48,11 @@ import sys
 import sysconfig
 import tempfile
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB_FILES = ("argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "string.py", "shlex.py")
@@ -159,7 +160,7 @@ class LiveTensorBytes:
         if self._storages.pop(key, None) is not None:
             self.live -= nbytes
 
-    def __enter__(self) -> "LiveTensorBytes":
+    def __enter__(self) -> LiveTensorBytes:
         self.mode.__enter__()
         return self
 
@@ -280,7 +281,7 @@ def prepare_data(root: Path, seq_len: int) -> Path:
 
 
 def _run_data(argv: list[str]) -> None:
-    from mythos_scale.data.cli import main as data_main
+    from mythos_scale.data.data_cli import main as data_main
 
     if data_main(argv) != 0:
         raise RuntimeError(f"mythos data {' '.join(argv)} failed")

@@ -86,7 +86,7 @@ class InjectionConfig(_Strict):
     state_init_std: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "InjectionConfig":
+    def _bounds(self) -> InjectionConfig:
         _require(self.a_bar_max <= A_BAR_MAX_LIMIT, "model.injection.a_bar_max",
                  f"{self.a_bar_max} rounds to 1.0 in bfloat16 (spacing 2^-8 below 1), so A_bar could reach 1 "
                  f"and the state stop contracting; use at most {A_BAR_MAX_LIMIT}")
@@ -133,7 +133,7 @@ class ModelConfig(_Strict):
     act: ACTConfig = ACTConfig()
 
     @model_validator(mode="after")
-    def _shapes(self) -> "ModelConfig":
+    def _shapes(self) -> ModelConfig:
         a, m = self.attention, self.moe
         _require(a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim",
                  f"must be even for rotary embeddings, got {a.qk_rope_head_dim}")
@@ -191,7 +191,7 @@ class LoopSchedule(_Strict):
     lognormal_sigma: float = Field(0.5, gt=0)
 
     @model_validator(mode="after")
-    def _range(self) -> "LoopSchedule":
+    def _range(self) -> LoopSchedule:
         _require(self.min <= self.mean <= self.max, "train.loops.mean",
                  f"need train.loops.min ({self.min}) <= mean ({self.mean}) <= max ({self.max})")
         return self
@@ -254,7 +254,7 @@ class TrainConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    """world = DP x TP; EP is carved out of DP (see mythos_scale.parallel.layout)."""
+    """world = DP x TP; EP is carved out of DP (see mythos_scale.parallel.distributed)."""
 
     tp: int = Field(1, ge=1)  # tensor parallelism: attention heads and dense/shared FFNs split
     ep: int = Field(1, ge=1)  # expert parallelism: routed experts partitioned over ep ranks
@@ -271,7 +271,7 @@ class Config(_Strict):
     deepspeed: dict[str, Any] = {}
 
     @model_validator(mode="after")
-    def _cross(self) -> "Config":
+    def _cross(self) -> Config:
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                  f"seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         _require(self.train.loops.max <= self.model.max_loops, "train.loops.max",

@@ -16,7 +16,7 @@
 # (= SLURM_LOCALID), as DeepSpeed binds it, so do not add --gpus-per-task or --gpu-bind.  srun is
 # given --cpus-per-task explicitly: since Slurm 22.05 it no longer inherits it from sbatch, and
 # without it every task's threads would share one CPU.  A collective that hangs fails after
-# parallel.timeout_minutes; NCCL's flight recorder (on by default, see mythos_scale/parallel/layout.py)
+# parallel.timeout_minutes; NCCL's flight recorder (on by default, see mythos_scale/parallel/distributed.py)
 # then dumps each rank's last collectives to nccl_traces/<job id>/rank_<rank>.
 #SBATCH --job-name=mythos-770m
 #SBATCH --nodes=2

@@ -91,10 +91,9 @@ def sharded(folder: Path, zero_stage: int) -> None:
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from mythos_scale.checkpoint import Checkpointer
     from mythos_scale.config import config_from_dict
     from mythos_scale.parallel import ParallelLayout
-    from mythos_scale.train.checkpoint import Checkpointer
-
     from mythos_scale.train.trainer import _skip_deepspeed_shm_op
 
     _skip_deepspeed_shm_op()  # as the trainer does: no minute of JIT compiling on a fresh machine
@@ -197,7 +196,7 @@ def stale_view(hidden: Path, seconds: float, train_args: list[str]) -> int:
 
     os.scandir, os.listdir, os.stat = scandir, listdir, stat
     print(f"stale view: {hidden.parent.name} lists {sorted(os.listdir(hidden.parent))}", flush=True)
-    from mythos_scale.train.cli import main
+    from mythos_scale.train.train_cli import main
 
     return main(train_args)
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mythos_scale.checkpoint import plan_stop, read_checkpoint_info, read_model_state
+from mythos_scale.checkpoint.format import MANIFEST, CheckpointError, CheckpointReader, Piece, rank_file, tensor_key
+from mythos_scale.checkpoint.stop import STOP_MARGIN_S, SaveTimes
+from mythos_scale.checkpoint.writer import WriteJob
+
 from conftest import REPO, free_port, run_train, start_train, subprocess_env, train_command, wait_for
-from mythos_scale.train.checkpoint import plan_stop, read_checkpoint_info, read_model_state
-from mythos_scale.train.checkpoint.checkpointer import STOP_MARGIN_S, SaveTimes
-from mythos_scale.train.checkpoint.format import (MANIFEST, CheckpointError, CheckpointReader, Piece, rank_file,
-                                                  tensor_key)
-from mythos_scale.train.checkpoint.writer import WriteJob
 
 # --------------------------------------------------------------------------- the format
 
@@ -271,6 +271,7 @@ def two_rank_run(tmp_path_factory, tiny_dataset):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_on_another_number_of_ranks(tmp_path, tiny_dataset, uninterrupted, two_rank_run, stage):
     """2 ranks (ZeRO-``stage``) -> 1 rank and -> 4 ranks (the other ZeRO stage): the loss after
@@ -280,7 +281,8 @@ def test_resume_on_another_number_of_ranks(tmp_path, tiny_dataset, uninterrupted
         run = tmp_path / f"n{nproc}" / "r"
         shutil.copytree(two_rank_run(stage), run)
         proc = run_train(run.parent, _args(tiny_dataset, f"train.zero_stage={other}", *extra), nproc=nproc)
-        assert (f"resharded step_00000004 from 2 ranks (dp 2, tp 1, ep 1, ZeRO-{stage}) to {nproc} rank{'s' if nproc > 1 else ''} "
+        ranks = f"{nproc} rank{'s' if nproc > 1 else ''}"
+        assert (f"resharded step_00000004 from 2 ranks (dp 2, tp 1, ep 1, ZeRO-{stage}) to {ranks} "
                 f"(dp {nproc}, tp 1, ep 1, ZeRO-{other})") in proc.stderr
         assert "the data continues at sample 16 of the global stream" in proc.stderr
         losses, reference = _losses(run), _losses(uninterrupted[nproc])
@@ -304,6 +306,7 @@ def _file_hashes(tag_dir: Path) -> dict[str, str]:
     return {name: entry["xxh3"] for name, entry in json.loads((tag_dir / MANIFEST).read_text())["files"].items()}
 
 
+@pytest.mark.slow
 def test_kill_during_an_async_write_then_a_sync_resume(tmp_path, tiny_dataset, uninterrupted):
     """kill -9 while the step-4 checkpoint is being written in the background: step 2 stays the
     resume point; resumed with synchronous saves, the run ends as the uninterrupted one (bitwise)
@@ -335,6 +338,7 @@ def test_kill_during_an_async_write_then_a_sync_resume(tmp_path, tiny_dataset, u
     assert wrote > 0.3 and waited < wrote / 3, (waited, wrote)
 
 
+@pytest.mark.slow
 def test_ranks_whose_views_differ_resume_from_the_same_step(tmp_path, tiny_dataset, two_rank_run, uninterrupted):
     """Rank 1's view of the folder lacks the newest checkpoint (its listings never show it, and
     for 3 s it cannot find it): rank 0 picks it and both ranks resume from it."""
@@ -350,6 +354,7 @@ def test_ranks_whose_views_differ_resume_from_the_same_step(tmp_path, tiny_datas
     assert max(abs(losses[s] - reference[s]) / abs(reference[s]) for s in range(SWITCH + 1, STEPS + 1)) < 1e-4
 
 
+@pytest.mark.slow
 def test_sigterm_without_time_for_a_save_keeps_the_last_checkpoint(tmp_path, tiny_dataset):
     """After a measured save of ~2 s (writes capped at 1 MB/s), a SIGTERM finds no time for another
     one: the run says so, keeps its last committed checkpoint and exits 75 in time.  The grace time

@@ -4,7 +4,8 @@ The lines are parsed out of README.md.  Each ``mythos ...`` line runs as written
 ``python -m mythos_scale.cli``) in a scratch folder that holds this repository's ``configs/``
 and ``mythos_scale/``, with tiny sizes appended so that the walk takes a minute or two on 2 CPU
 cores: train lines get the suite's tiny model, 32-token sequences and 3 steps; data lines a
-512-token vocabulary and 32-token sequences; eval lines 2 batches, generate lines 8 new tokens.  Not run, and checked to be exactly these:
+512-token vocabulary and 32-token sequences; eval lines 2 batches, generate lines 8 new tokens.
+Not run, and checked to be exactly these:
 ``pip install`` (the suite already runs on the installed package) and the lines that need a GPU
 node, a cluster or a long-running server (``bash launch/gpu_smoke.sh``, which
 tests/test_gpu_path.py runs on the CPU instead, ``deepspeed --num_gpus 8``, ``sbatch``,
@@ -19,7 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, TINY_TRAIN, subprocess_env
+
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
 
 NOT_RUN = {  # by the line's first words
     "pip install": "installs the package the suite already runs on",

@@ -16,10 +16,9 @@ from streaming import StreamingDataset
 from tokenizers import Tokenizer
 
 from mythos_scale.config import DataConfig, DataSource
-from mythos_scale.data.cli import main as data_main
+from mythos_scale.data.data_cli import main as data_main
 from mythos_scale.data.documents import ReadStats, find_input_files, read_documents
-from mythos_scale.data.loader import (BLEND_BLOCK, build_train_loader, build_val_loader,
-                                      permute)
+from mythos_scale.data.loader import BLEND_BLOCK, build_train_loader, build_val_loader, permute
 from mythos_scale.data.manifest import DataError, check_compatible, read_manifest
 from mythos_scale.data.prepare import prepare_dataset
 from mythos_scale.data.tokenizer import train_bpe
@@ -498,7 +497,7 @@ def test_val_loader_same_batches_on_each_pass(corpus):
     n = read_manifest(ds).splits["val"].sequences
     loaders = [build_val_loader(_cfg(ds), micro_batch_size=2, dp_rank=r, dp_world=2,
                                 vocab_size=320) for r in range(2)]
-    assert len(loaders[0]) == len(loaders[1]) == -(-(-(-n // 2)) // 2)
+    assert len(loaders[0]) == len(loaders[1]) == ((n + 1) // 2 + 1) // 2  # ceil(ceil(n / 2) / 2)
     first = [x for x, _ in loaders[0]]
     assert len(first) == len(loaders[0])
     assert all(torch.equal(a, b) for a, b in zip(first, [x for x, _ in loaders[0]]))
@@ -527,6 +526,7 @@ def _rank_main(rank: int, world: int, init_file: str, dataset: str, out: str) ->
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_loaders_in_a_gloo_process_group(corpus, tmp_path):
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
@@ -575,6 +575,7 @@ def test_a_lost_shared_memory_race_is_retried_with_new_streams(corpus, monkeypat
     assert len(calls) == 2 and next(loader)[0].shape[0] == 2
 
 
+@pytest.mark.slow
 def test_independent_processes_on_one_machine(corpus, tmp_path):
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
@@ -592,6 +593,7 @@ def test_independent_processes_on_one_machine(corpus, tmp_path):
 # --------------------------------------------------------------------------- embedded corpus
 
 
+@pytest.mark.slow
 def test_embedded_corpus_is_built_once_and_loads(tmp_path_factory, capfd):
     import time
 

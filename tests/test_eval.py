@@ -48,6 +48,7 @@ def mythos(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_bits_per_byte_via_tokens_equals_via_bytes(exported, tiny_dataset):
     """bits/byte from the per-token byte counts equals bits/byte from the UTF-8 bytes of the text
     the predicted tokens decode to, on a known text with multi-byte characters."""
@@ -89,8 +90,9 @@ def test_a_tokenizer_that_is_not_byte_level_is_refused(tmp_path):
         token_byte_lengths(word_level, 3)
 
 
+@pytest.mark.slow
 def test_kl_exit_threshold_zero_equals_all_loops(exported, tiny_dataset):
-    from mythos_scale.eval.cli import val_batches
+    from mythos_scale.eval.eval_cli import val_batches
     from mythos_scale.eval.evaluate import EvalMode, evaluate
     from mythos_scale.eval.load import load_model
 
@@ -103,6 +105,7 @@ def test_kl_exit_threshold_zero_equals_all_loops(exported, tiny_dataset):
     assert zero["bits_per_byte"] == pytest.approx(plain["bits_per_byte"], rel=1e-6, abs=0)
 
 
+@pytest.mark.slow
 def test_eval_json_holds_every_loop_count_and_a_plot(exported, tmp_path):
     plot = tmp_path / "eval.png"
     proc = mythos("eval", "--checkpoint", str(exported), "--loops", "1,3,5", "--exit-thresholds", "0,1e-3",
@@ -121,6 +124,7 @@ def test_eval_json_holds_every_loop_count_and_a_plot(exported, tmp_path):
     assert table.returncode == 0 and "bits/byte" in table.stdout and "kl0.0005" in table.stdout, table.stdout
 
 
+@pytest.mark.slow
 def test_generate_command_prints_speed_loops_and_cache(exported):
     proc = mythos("generate", "--checkpoint", str(exported), "--prompt", "def main(", "--max-new-tokens", "12",
                   "--loops", "3", "--temperature", "0", "--exit", "kl", "--exit-threshold", "1e-3", "--json")
@@ -153,6 +157,7 @@ def _other_dim(folder: Path) -> None:
     config.write_text(config.read_text().replace("dim: 64", "dim: 96", 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, how, message", [
     ("truncated", _truncate, "not a readable safetensors file"),
     ("mismatched", _other_dim, "does not match its config's model"),
@@ -168,6 +173,7 @@ def test_damaged_exports_are_refused(exported, tmp_path, name, how, message):
         assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_foreign_paths_are_refused(tmp_path, exported):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -212,7 +218,7 @@ def train_worker(rank: int, world: int, port: int, names: list[str], root: str, 
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from mythos_scale.parallel.layout import init_distributed, init_process_groups
+    from mythos_scale.parallel.distributed import init_distributed, init_process_groups
     from mythos_scale.parallel.shard import gather_logical
     from mythos_scale.train.trainer import Trainer, _skip_deepspeed_shm_op
 
@@ -253,6 +259,7 @@ def runs(tmp_path_factory, tiny_dataset) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_export_then_load_reproduces_the_training_model(runs, tmp_path, name):
     """From every layout: the exported weights are the trained ones bit for bit, and the loaded
@@ -290,6 +297,7 @@ def test_export_then_load_reproduces_the_training_model(runs, tmp_path, name):
     assert direct.source["step"] == info["step"]
 
 
+@pytest.mark.slow
 def test_inspect_names_step_layout_and_sizes(runs):
     proc = mythos("ckpt", "inspect", str(runs / "ep2_zero2"), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -302,6 +310,7 @@ def test_inspect_names_step_layout_and_sizes(runs):
     assert text.returncode == 0 and "step 4" in text.stdout and "tp 2" in text.stdout and "ZeRO stage 1" in text.stdout
 
 
+@pytest.mark.slow
 def test_kl_exit_on_a_trained_model_uses_fewer_loops_and_keeps_the_loss(runs):
     """A large KL threshold stops most tokens early (fewer loops on average, measured) and changes
     the held-out loss by under 2%; threshold 0 equals all loops."""
@@ -314,6 +323,7 @@ def test_kl_exit_on_a_trained_model_uses_fewer_loops_and_keeps_the_loss(runs):
     assert abs(rows["kl0.05"]["loss"] / rows["loops"]["loss"] - 1) < 0.02, rows
 
 
+@pytest.mark.slow
 def test_trainer_logs_validation_loss_per_loop_count(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import small_cfg, tokens
 
 from mythos_scale.eval.generate import Sampling, generate, next_token
 from mythos_scale.model import build_model
-from test_model import small_cfg, tokens
 
 torch.set_num_threads(2)
 

@@ -35,13 +35,15 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import REPO, TINY_TRAIN, free_port, subprocess_env
+from mythos_scale.checkpoint import Checkpointer
 from mythos_scale.config import load_config
 from mythos_scale.kernels import reference
 from mythos_scale.model import MythosModel, update_balance_bias
-from mythos_scale.parallel.layout import LaunchError, ParallelLayout, cuda_device
-from mythos_scale.train.checkpoint import Checkpointer
-from mythos_scale.train.trainer import Trainer, sum_over_ranks
+from mythos_scale.parallel import sum_over_ranks
+from mythos_scale.parallel.distributed import LaunchError, ParallelLayout, cuda_device
+from mythos_scale.train.trainer import Trainer
+
+from conftest import REPO, TINY_TRAIN, free_port, subprocess_env
 
 CONFIG = REPO / "configs" / "mythos_770m.yaml"
 wait_tensor_op = torch.ops._c10d_functional.wait_tensor.default
@@ -265,7 +267,7 @@ def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_g
     checks = GpuPathChecks()
     with mode, checks:
         trainer.val_loader = [fake_batch(cfg)]
-        calls = [trainer._poll, trainer.evaluate,
+        calls = [lambda: trainer.checkpointer.poll(stop_requested=False), trainer.evaluate,
                  lambda: sum_over_ranks([torch.ones((), device="cuda"), 2.0], layout.device),
                  lambda: update_balance_bias(model, 1e-3, all_reduce=dist.all_reduce)]
         for expected, call in enumerate(calls, start=1):
@@ -327,6 +329,7 @@ def test_gpu_bound_by_local_rank():
 # ---------------------------------------------------------------- launch/gpu_smoke.sh
 
 
+@pytest.mark.slow
 def test_gpu_smoke_script_saves_resumes_and_reports(tmp_path, tiny_dataset):
     """The one-node check users run before submitting, on CPU with the tiny config: 5 steps, save,
     stop, resume, 10 steps, figures.  Without a GPU and without NPROC it refuses (status 2)."""

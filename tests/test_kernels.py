@@ -58,7 +58,8 @@ def _assert_parity(fused_fn, ref_fn, inputs, atol: float = 1e-5, rtol: float = 1
     for name, fs, rs in (("output", f_out, r_out), ("grad", f_grad, r_grad)):
         assert len(fs) == len(rs)
         for i, (f, r) in enumerate(zip(fs, rs)):
-            assert f.dtype == r.dtype and f.shape == r.shape, f"{name} {i}: {f.dtype}{tuple(f.shape)} vs {r.dtype}{tuple(r.shape)}"
+            assert f.dtype == r.dtype and f.shape == r.shape, \
+                f"{name} {i}: {f.dtype}{tuple(f.shape)} vs {r.dtype}{tuple(r.shape)}"
             torch.testing.assert_close(f, r, atol=atol, rtol=rtol, msg=lambda m: f"{name} {i}: {m}")
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import small_cfg, tokens
 from torch.utils.checkpoint import CheckpointError, checkpoint
 
 from mythos_scale.kernels import reference
 from mythos_scale.model import MoE, MythosModel, build_model, update_balance_bias
 from mythos_scale.model import moe as mythos_moe
-from test_model import small_cfg, tokens
 
 torch.set_num_threads(2)
 

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 from conftest import TINY_TRAIN, free_port
 
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
+
 STEPS = [(3, 2), (2, 2), (4, 2)]  # (T, backprop depth k) per optimizer step
 GLOBAL_BATCH = 4
 RTOL = 1e-4
@@ -217,7 +219,7 @@ def groups_match_deepspeed(layout) -> bool:
 def worker(rank: int, world: int, port: int, cases: list[dict], out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from mythos_scale.parallel.layout import init_distributed, init_process_groups
+    from mythos_scale.parallel.distributed import init_distributed, init_process_groups
     from mythos_scale.train.trainer import _skip_deepspeed_shm_op
 
     _skip_deepspeed_shm_op()

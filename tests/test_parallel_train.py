@@ -23,8 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mythos_scale.checkpoint import read_checkpoint_info, read_model_state
+
 from conftest import REPO, TINY_TRAIN, run_train, subprocess_env
-from mythos_scale.train.checkpoint import read_checkpoint_info, read_model_state
+
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
 
 STEPS = 4
 LAYOUT = ["parallel.tp=2", "parallel.ep=2"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_model import small_cfg, tokens
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -19,8 +20,7 @@ from mythos_scale.model import MythosModel, build_model
 from mythos_scale.plan import main, plan_model
 from mythos_scale.plan.layout import Runtime
 from mythos_scale.plan.memory import block_saved, saved_bytes_per_token
-from mythos_scale.plan.sharding import model_parts
-from test_model import small_cfg, tokens
+from mythos_scale.plan.per_gpu import model_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,7 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_param_counts_equal_the_model(variant):
     cfg = small_cfg(**variant)
@@ -57,6 +58,7 @@ def grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_flops_match_torch_flop_counter(variant):
     """At seq_len 1 the causal attention average is exact, so the count must match to the FLOP:
@@ -182,7 +184,8 @@ def test_cli_json_and_table(capsys):
         assert key in out["model"]
     assert (out["model"]["loops"], out["model"]["backprop_depth"]) == (6, 2)
     plan = out["plan"]
-    assert plan["layout"]["dp"] == 8 and plan["layout"]["micro_batch"] == 2 and plan["fits"] and plan["memory"]["peak"] > plan["memory"]["static_total"]
+    assert plan["layout"]["dp"] == 8 and plan["layout"]["micro_batch"] == 2 and plan["fits"]
+    assert plan["memory"]["peak"] > plan["memory"]["static_total"]
     assert plan["time_s"]["step"] > plan["time_s"]["compute"] > 0 and 0 < plan["mfu"] < 1
     assert main(["--config", config, "--nodes", "2", "--gpu", "a100", "model.dim=64", "--global-batch", "16",
                  "--micro-batch", "1"]) == 0

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import REPO, subprocess_env
 
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
+
 MEMORY_TOLERANCE = 0.25
 BENCHMARK = REPO / "benchmarks" / "plan_vs_measured.py"
 

@@ -40,6 +40,8 @@ from mythos_scale.model import build_model
 from mythos_scale.parallel import init_distributed
 from mythos_scale.train.optim import build_optimizer
 
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
+
 init_distributed()
 cfg = load_config(sys.argv[1], sys.argv[3:])
 model = build_model(cfg.model, seed=0)

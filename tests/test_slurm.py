@@ -16,8 +16,9 @@ import pytest
 
 from conftest import REPO, TINY_TRAIN, free_port, subprocess_env
 
-pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
-                                reason="Slurm is not installed: run launch/slurm_local_cluster.sh")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("sbatch") is None,
+                                 reason="Slurm is not installed: run launch/slurm_local_cluster.sh")]
 
 SCRIPT = REPO / "slurm" / "pretrain_770m.sh"
 

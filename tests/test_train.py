@@ -20,8 +20,11 @@ import psutil
 import pytest
 import torch
 
+from mythos_scale.checkpoint import read_model_state
+
 from conftest import REPO, run_train, start_train, subprocess_env, train_command, wait_for
-from mythos_scale.train.checkpoint import read_model_state
+
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
 
 STEPS = 16
 
@@ -212,7 +215,7 @@ def test_pruning_keeps_good_checkpoints_and_sets_damaged_ones_aside(tmp_path, ti
     assert tags == ["step_00000002", "step_00000003", "step_00000004"]  # 2 kept; 4 is newer: untouched
     run_train(tmp_path, [*args, "train.max_steps=6"])  # saves 4 again, then 6
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000004", "step_00000006"]
-    from mythos_scale.train.checkpoint import validate_checkpoint
+    from mythos_scale.checkpoint import validate_checkpoint
 
     assert all(validate_checkpoint(p) is None for p in ckpt.glob("step_*"))
     aside = ckpt / "unusable" / "step_00000004"
@@ -342,7 +345,7 @@ def test_busy_master_port_is_a_clear_error(tmp_path, tiny_dataset):
 
 
 def test_help_and_config_errors_do_not_load_torch():
-    code = ("import sys; from mythos_scale.train.cli import main; rc = main(['model.moe.top_k=99']); "
+    code = ("import sys; from mythos_scale.train.train_cli import main; rc = main(['model.moe.top_k=99']); "
             "print(rc, sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr
@@ -379,7 +382,7 @@ def test_a_low_start_up_peak_is_raised_to_what_the_model_sustains(tmp_path, tiny
     command = train_command(tmp_path, [_data(tiny_dataset), "train.name=r", "train.max_steps=6", "train.log_every=3",
                                        "train.eval_every=0", "train.peak_tflops=0", f"data.cache_dir={cache}"])
     low_measurement = ("import sys; import mythos_scale.train.metrics as m; m.measure_cpu_matmul_tflops = lambda: 1e-6; "
-                       "from mythos_scale.train.cli import main; sys.exit(main(sys.argv[1:]))")
+                       "from mythos_scale.train.train_cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", low_measurement, *command[3:]], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,10 +33,11 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mythos_scale.config import DataConfig
 from mythos_scale.data.embedded import ensure_embedded_dataset
-from mythos_scale.data.manifest import (MANIFEST_NAME, TOKENIZER_NAME, DataError, Manifest,
-                                        check_compatible)
+from mythos_scale.data.manifest import MANIFEST_NAME, TOKENIZER_NAME, DataError, Manifest, check_compatible
 from mythos_scale.data.prepare import is_url
 from mythos_scale.data.tokenizer import file_sha256
 
@@ -367,7 +367,7 @@ def _check_layout(micro_batch_size: int, dp_rank: int, dp_world: int) -> None:
 class _StepBatches(Dataset):
     """Map-style view for DataLoader workers: item ``step`` is the batch of that step."""
 
-    def __init__(self, loader: "TrainLoader") -> None:
+    def __init__(self, loader: TrainLoader) -> None:
         self.loader = loader
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,7 +415,7 @@ class TrainLoader:
         source, sample = self.sample_ids(step)
         return _read_rows(self.reader, self._offsets[source] + sample)
 
-    def __iter__(self) -> "TrainLoader":
+    def __iter__(self) -> TrainLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

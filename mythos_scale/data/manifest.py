@@ -49,7 +49,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
+    def from_json(cls, text: str, where: str) -> Manifest:
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:

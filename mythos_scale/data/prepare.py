@@ -24,8 +24,8 @@ import re
 import shutil
 import tempfile
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from streaming import MDSWriter
@@ -33,10 +33,8 @@ from streaming.base.storage import CloudUploader
 from tqdm import tqdm
 
 from mythos_scale.data.documents import ReadStats, find_input_files, read_documents
-from mythos_scale.data.manifest import (MANIFEST_NAME, TOKENIZER_NAME, DataError, Manifest,
-                                        SplitStats, read_manifest)
-from mythos_scale.data.tokenizer import (encode_documents, encode_with, init_encode_worker,
-                                         load_tokenizer)
+from mythos_scale.data.manifest import MANIFEST_NAME, TOKENIZER_NAME, DataError, Manifest, SplitStats, read_manifest
+from mythos_scale.data.tokenizer import encode_documents, encode_with, init_encode_worker, load_tokenizer
 
 SHARD_HASHES = ["xxh64"]  # stored in each split's index.json, checked by the loader
 DOCS_PER_TASK = 256

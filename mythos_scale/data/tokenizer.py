@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
-
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mythos_scale.data.manifest import DataError

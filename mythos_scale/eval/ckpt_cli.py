@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mythos ckpt", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
@@ -43,8 +45,7 @@ def _human(n: float) -> str:
 
 
 def inspect(path: Path) -> dict:
-    from mythos_scale.eval.load import (CONFIG_NAME, EXPORT_INFO_NAME, WEIGHTS_NAME, checkpoint_config,
-                                        find_checkpoint, is_export)
+    from mythos_scale.eval.load import CONFIG_NAME, EXPORT_INFO_NAME, WEIGHTS_NAME, checkpoint_config, find_checkpoint, is_export
 
     if is_export(path):
         import yaml
@@ -85,7 +86,6 @@ def _print_inspect(info: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mythos_scale.eval.load import ModelLoadError
-    from mythos_scale.train.status import EXIT_BAD_INPUT
 
     path = Path(args.path).expanduser()
     try:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(info, indent=2))
             else:
                 _print_inspect(info)
-            return 0
+            return EXIT_OK
         from mythos_scale.eval.export import export_checkpoint
 
         start = time.perf_counter()
@@ -109,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.out}: step {record['step']}, {record['parameters']:,} parameters, {size / 2**20:.1f} MiB "
           f"model.safetensors{' + tokenizer.json' if record['tokenizer'] else ''} in "
           f"{time.perf_counter() - start:.2f}s (read {record['read_s']:.2f}s)")
-    return 0
+    return EXIT_OK

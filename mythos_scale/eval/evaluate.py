@@ -14,9 +14,9 @@ are known, see :mod:`.text_bytes`) and ``mean_loops`` (iterations per token actu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -20,8 +20,16 @@ import torch
 
 from mythos_scale.config import Config, dump_config
 from mythos_scale.data.manifest import TOKENIZER_NAME
-from mythos_scale.eval.load import (CONFIG_NAME, EXPORT_INFO_NAME, WEIGHTS_NAME, ModelLoadError, checkpoint_config,
-                                    find_checkpoint, model_from_state, run_tokenizer)
+from mythos_scale.eval.load import (
+    CONFIG_NAME,
+    EXPORT_INFO_NAME,
+    WEIGHTS_NAME,
+    ModelLoadError,
+    checkpoint_config,
+    find_checkpoint,
+    model_from_state,
+    run_tokenizer,
+)
 
 
 def verify_hashes(tag_dir: Path, files: dict[str, Any]) -> None:
@@ -64,8 +72,8 @@ def write_export(out: Path, state: dict[str, torch.Tensor], cfg: Config, tokeniz
 def export_checkpoint(path: str | Path, out: str | Path) -> dict[str, Any]:
     """Export the checkpoint ``path`` names (a run folder, its checkpoints/ or one checkpoint) to
     the folder ``out`` (which must not exist, or be empty).  Returns what ``export.json`` holds."""
-    from mythos_scale.train.checkpoint import CheckpointError, read_model_state
-    from mythos_scale.train.checkpoint.format import read_record
+    from mythos_scale.checkpoint import CheckpointError, read_model_state
+    from mythos_scale.checkpoint.format import read_record
 
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from mythos_scale.eval.cli import add_model_arguments, resolve_device
+from mythos_scale.eval.eval_cli import add_model_arguments, resolve_device
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from mythos_scale.eval.generate import Sampling, generate
     from mythos_scale.eval.load import ModelLoadError, load_model
-    from mythos_scale.train.status import EXIT_BAD_INPUT
 
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
              "uncached_bytes_per_token": out.uncached_bytes_per_token, "device": str(device)}
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": text, "tokens": new, **stats}, indent=2))
-        return 0
+        return EXIT_OK
     print(args.prompt + text)
     print(f"--- {len(new)} tokens{' (stopped at EOS)' if stats['stopped_at_eos'] else ''} on {device}: "
           f"{out.decode_tokens_per_s:.1f} tokens/s decoding, prefill {out.prefill_s * 1e3:.1f} ms; "
           f"mean loops {out.mean_loops:.2f} of {loops}; KV cache {out.cache_bytes_per_token} B/token "
           f"(per-head K/V: {out.uncached_bytes_per_token} B/token), {out.cache_bytes / 1024:.1f} KiB allocated",
           file=sys.stderr)
-    return 0
+    return EXIT_OK

@@ -50,7 +50,7 @@ class LoadedModel:
 def find_checkpoint(path: Path) -> Path:
     """The checkpoint folder ``path`` names: itself (a checkpoint), or the newest usable one of a
     run folder or a ``checkpoints/`` folder (never newer than ``latest``)."""
-    from mythos_scale.train.checkpoint import validate_checkpoint
+    from mythos_scale.checkpoint import validate_checkpoint
 
     if (path / CHECKPOINT_RECORD).is_file():
         problem = validate_checkpoint(path)
@@ -145,7 +145,7 @@ def _load_export(path: Path) -> LoadedModel:
 
 def checkpoint_config(tag_dir: Path) -> tuple[Config, dict[str, Any]]:
     """The config and the info (step, tokens, layout, ...) a checkpoint was written with."""
-    from mythos_scale.train.checkpoint import read_checkpoint_info
+    from mythos_scale.checkpoint import read_checkpoint_info
 
     try:
         info = read_checkpoint_info(tag_dir)
@@ -159,7 +159,7 @@ def checkpoint_config(tag_dir: Path) -> tuple[Config, dict[str, Any]]:
 
 
 def _load_checkpoint(tag_dir: Path) -> LoadedModel:
-    from mythos_scale.train.checkpoint import CheckpointError, read_model_state
+    from mythos_scale.checkpoint import CheckpointError, read_model_state
 
     cfg, info = checkpoint_config(tag_dir)
     try:

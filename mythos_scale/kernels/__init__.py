@@ -13,8 +13,8 @@ first call.  There is no process-wide choice: two models in one process may diff
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 

@@ -46,7 +46,7 @@ class LayerCache:
         end = self.write(start_pos, *new, rows=rows)
         return [buf[:, :end] if rows is None else buf[rows, :end] for buf in self.buffers]
 
-    def select(self, rows: torch.Tensor | None) -> "LayerCache | RowsOfLayerCache":
+    def select(self, rows: torch.Tensor | None) -> LayerCache | RowsOfLayerCache:
         """This cache as seen by a forward over the batch ``rows`` only (all rows when None)."""
         return self if rows is None else RowsOfLayerCache(self, rows)
 

@@ -77,8 +77,7 @@ from mythos_scale.model.attention import build_attention
 from mythos_scale.model.cache import KVCache
 from mythos_scale.model.layers import DenseFFN, LoopLinear, RMSNorm, RotaryTable
 from mythos_scale.model.moe import MoE, RoutedExperts
-from mythos_scale.model.recurrence import (ACTAccumulator, FrozenKV, HaltingUnit, LoopEmbedding, LTIInjection,
-                                          kl_divergence)
+from mythos_scale.model.recurrence import ACTAccumulator, FrozenKV, HaltingUnit, LoopEmbedding, LTIInjection, kl_divergence
 
 
 @dataclass

@@ -22,7 +22,7 @@ No token is ever dropped.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -34,7 +34,7 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
 from mythos_scale.model.moe import RoutedExperts
-from mythos_scale.parallel.layout import ParallelLayout
+from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.shard import shard_parameter
 
 

@@ -16,15 +16,15 @@ single-process model's slice; sharded parameters carry a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import deepspeed
 import torch
 import torch.nn as nn
 
 from mythos_scale.config import Config
+from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.ep import apply_ep
-from mythos_scale.parallel.layout import ParallelLayout
 from mythos_scale.parallel.tp import apply_tp
 from mythos_scale.parallel.zero import apply_zero
 

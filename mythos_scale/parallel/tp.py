@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from mythos_scale.model.attention import GQA, MLA
 from mythos_scale.model.layers import DenseFFN, LoopLinear
-from mythos_scale.parallel.layout import ParallelLayout
+from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.shard import shard_parameter
 
 

@@ -22,13 +22,14 @@ DeepSpeed is told the layout in two ways:
 DeepSpeed's MoE checkpoint code assumes its own per-expert module naming
 (``deepspeed_moe.experts.deepspeed_experts.<i>``) and cannot save stacked expert weights, so once
 the optimizer is built the engine's ``has_moe_layers`` is turned off.  Checkpoints do not go
-through DeepSpeed at all: :mod:`mythos_scale.train.checkpoint` writes each rank's pieces of the
+through DeepSpeed at all: :mod:`mythos_scale.checkpoint` writes each rank's pieces of the
 logical tensors (every EP rank's experts included) and reads them back in any layout.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import deepspeed
 import torch
@@ -38,8 +39,8 @@ from deepspeed.moe.utils import is_moe_param
 from deepspeed.utils import groups as deepspeed_groups
 
 from mythos_scale.config import Config, ConfigError
+from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.ep import ExpertParallelExperts
-from mythos_scale.parallel.layout import ParallelLayout
 
 
 def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:

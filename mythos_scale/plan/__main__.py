@@ -1,5 +1,5 @@
 import sys
 
-from mythos_scale.plan.cli import main
+from mythos_scale.plan.plan_cli import main
 
 sys.exit(main())

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from mythos_scale.config import ModelConfig
 from mythos_scale.plan.layout import Layout, Runtime
-from mythos_scale.plan.sharding import _attention, local_params
+from mythos_scale.plan.per_gpu import _attention, local_params
 
 INT64 = 8
 

@@ -15,8 +15,8 @@ numerator; embedding lookups and elementwise ops are not counted):
 
 The prelude still runs its backward: B_bar e enters every iteration, the last k included.  A
 core iteration counts the top_k routed experts, the shared experts, the router and one
-iteration's LoRA adapters; the ACT halting unit runs in the last k iterations only (at least one).  ``flops_per_token_with_recompute`` adds the forward
-recomputation of the k checkpointed iterations (hardware FLOPs).
+iteration's LoRA adapters; the ACT halting unit runs in the last k iterations only (at least one).
+``flops_per_token_with_recompute`` adds the forward recomputation of the k checkpointed iterations (hardware FLOPs).
 
 KV cache per token (bf16, 2 bytes): MLA stores kv_lora_rank + qk_rope_head_dim per layer per
 loop iteration, ``(prelude + coda + core_layers * T)`` caches; the MHA comparison stores full

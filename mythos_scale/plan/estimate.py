@@ -28,7 +28,7 @@ from mythos_scale.plan.comms import Collective, communication
 from mythos_scale.plan.counts import plan_model
 from mythos_scale.plan.layout import Layout, Runtime, layout_problems
 from mythos_scale.plan.memory import Memory, estimate_memory, usable_bytes
-from mythos_scale.plan.sharding import local_params, model_parts
+from mythos_scale.plan.per_gpu import local_params, model_parts
 
 OPTIMIZER_BYTES_PER_PARAM = 32
 SECONDS_PER_DAY = 86_400

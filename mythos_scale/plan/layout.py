@@ -78,7 +78,7 @@ class Runtime:
     overlap_comm: bool                # DeepSpeed reduces gradients on a side stream during backward
 
     @classmethod
-    def from_config(cls, cfg: Config, device: str = "cuda", fused_kernels: bool | None = None) -> "Runtime":
+    def from_config(cls, cfg: Config, device: str = "cuda", fused_kernels: bool | None = None) -> Runtime:
         """The runtime ``mythos train`` would use for ``cfg`` on ``device``.  ``fused_kernels``
         None: ``model.kernels`` decides, ``auto`` meaning fused on CUDA (the extension is built
         on GPU machines) and the reference ops on CPU."""

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from mythos_scale.config import ModelConfig
 from mythos_scale.plan.layout import Layout, Runtime
-from mythos_scale.plan.sharding import block_parts, local_params
+from mythos_scale.plan.per_gpu import block_parts, local_params
 
 GIB = 2 ** 30
 FP32, INT64 = 4, 8

@@ -2,6 +2,6 @@
 
 import sys
 
-from mythos_scale.train.cli import main
+from mythos_scale.train.train_cli import main
 
 sys.exit(main())

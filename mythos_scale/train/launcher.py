@@ -27,7 +27,8 @@ import subprocess
 import sys
 import time
 
-from mythos_scale.train.status import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, STOP_SIGNALS
+from mythos_scale.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
+from mythos_scale.train.stop_signals import STOP_SIGNALS
 
 FAILURE_GRACE_S = 15.0
 _PR_SET_PDEATHSIG = 1

@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard on rank 0, a one-line console summary, throughput and MFU.
+"""Training metrics: throughput, MFU and memory (where they go: :mod:`.metrics_log`).
 
 MFU = achieved model FLOP/s per device / peak FLOP/s per device.  Model FLOPs come from
 the planner's count for the loop count actually run; the trainer averages them over each
@@ -101,33 +101,20 @@ def memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2 ** 30
 
 
-class MetricsLogger:
-    """Writes scalars to TensorBoard (main rank only) and prints the console line."""
+class ThroughputInterval:
+    """The steps, wall time and model FLOPs since the last logging step (evaluation and
+    checkpointing included): what ``perf/*`` is computed over."""
 
-    def __init__(self, tb_dir: Path | None, purge_step: int | None = None):
-        """``purge_step``: on resume, the first step to be logged again; TensorBoard then hides
-        what earlier event files hold for it and later steps."""
-        self.writer = None
-        if tb_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+    def __init__(self) -> None:
+        self.start, self.steps, self.flops = time.perf_counter(), 0, 0.0
 
-            self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
+    def add_step(self, flops: float) -> None:
+        self.steps += 1
+        self.flops += flops
 
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-
-    def console(self, step: int, max_steps: int, m: dict[str, float]) -> None:
-        """One line per logging interval: loss and T of its last step, throughput over all of it."""
-        log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | T %d | %.0f tok/s | MFU %.1f%% | %.2fs/step%s",
-                 step, max_steps, m["train/loss"], m["train/lr"], m["train/grad_norm"], m["loops/T"],
-                 m["perf/tokens_per_s"], 100 * m["perf/mfu"], m["perf/step_s"],
-                 (f" | val {m['val/loss']:.4f}" if "val/loss" in m else "")
-                 + (f" | skipped {int(m['train/skipped_steps'])}" if m["train/skipped_steps"] else ""))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+    def take(self) -> tuple[int, float, float]:
+        """(steps, seconds, FLOPs) of the interval ending now; a new one starts."""
+        now = time.perf_counter()
+        taken = (self.steps, now - self.start, self.flops)
+        self.start, self.steps, self.flops = now, 0, 0.0
+        return taken

@@ -27,6 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.figure import Figure  # noqa: E402
 
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+
 log = logging.getLogger("mythos_scale.train")
 
 
@@ -168,5 +170,5 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
     except RunFolderError as exc:
         print(f"mythos plot: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return EXIT_OK

@@ -1,4 +1,4 @@
-"""The trainer: one rank of a run (``mythos train``, see :mod:`mythos_scale.train.cli`).
+"""The trainer: one rank of a run (``mythos train``, see :mod:`mythos_scale.train.train_cli`).
 
 One optimizer step: draw the loop count T from (seed, step) so every rank agrees, run
 ``grad_accum`` micro-batches forward/backward through the DeepSpeed engine (truncated
@@ -6,15 +6,14 @@ backprop through the last k iterations), let DeepSpeed reduce, clip and step (it
 update when the gradient is not finite), update the MoE balance biases from expert counts
 summed over the data-parallel group, then log, evaluate and checkpoint.
 
-The run folder (``train.out_dir/train.name``) is checked before anything is built and claimed
-(``config.yaml`` written) only once the data is checked, the engine built and the checkpoint
-loaded, so a start that fails early leaves nothing behind.  See :meth:`Trainer._check_run_folder`
-for what is refused and :meth:`Trainer._start_run_folder` for what a start changes.
+Its components: the run folder (:mod:`.run_folder`: checked before anything is built, claimed
+once the engine is built and the checkpoint loaded), the checkpointer
+(:mod:`mythos_scale.checkpoint`: one call per step decides whether to commit, save or stop) and
+the metrics logger (:mod:`.metrics_log`: ``metrics.jsonl``, TensorBoard, the console line).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -26,42 +25,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
-from mythos_scale.config import Config, ConfigError, dump_config
+from mythos_scale.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, seed_rng
+from mythos_scale.config import Config, ConfigError
 from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 from mythos_scale.model import build_model, update_balance_bias
-from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed
+from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.plan import plan_model
-from mythos_scale.train.checkpoint import CheckpointError, Checkpointer, CheckpointWriteError, seed_rng
 from mythos_scale.train.loops import backprop_depth, sample_loops
-from mythos_scale.train.metrics import MetricsLogger, keep_cpu_peak, memory_gib, peak_tflops
+from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
+from mythos_scale.train.metrics_log import MetricsLogger
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
-from mythos_scale.train.status import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED,
-                                       sigterm_age_s, stop_requested)
+from mythos_scale.train.run_folder import RunFolder
+from mythos_scale.train.stop_signals import sigterm_age_s, stop_requested
 
 log = logging.getLogger("mythos_scale.train")
 
 # The keys of the learning-rate schedule, saved with each checkpoint to detect a change on resume.
 SCHEDULE_KEYS = ("max_steps", "lr", "min_lr", "warmup_steps", "schedule", "decay_fraction")
-# What a run leaves in its folder besides config.yaml; a fresh start moves these to previous/.
-RUN_OUTPUTS = ("metrics.jsonl", "tb", "plots", "checkpoints")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (the message says why); exit status 1."""
-
-
-def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
-    """Sum scalars over all ranks in one all-reduce, read back with one host sync.  The tensor is
-    on ``device``, the layout's: an NCCL group has no CPU backend (the process group is
-    ``cpu:gloo,cuda:nccl`` so CPU tensors work too, through gloo)."""
-    packed = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
-    dist.all_reduce(packed)
-    return packed.tolist()
 
 
 class Trainer:
@@ -70,7 +59,8 @@ class Trainer:
         t = cfg.train
         self.run_dir = Path(t.out_dir).expanduser() / t.name
         self.checkpointer = Checkpointer(self.run_dir, cfg, layout)
-        self.resume_tag = self._check_run_folder()
+        self.run_folder = RunFolder(self.run_dir, cfg, layout)
+        self.resume_tag = self.run_folder.check(self.checkpointer)
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
                            vocab_size=cfg.model.vocab_size)
@@ -91,156 +81,13 @@ class Trainer:
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
 
-    # ------------------------------------------------------------------ run folder
-
-    def _check_run_folder(self) -> Path | None:
-        """Decide, changing nothing, how this run starts: the checkpoint to resume from, or None
-        for step 0.  Refused (exit 2): a folder whose checkpoints are all unusable (unless
-        ``train.restart``), a resume with another model config.  A checkpoint written by
-        another layout is resharded on load.  A folder without a committed checkpoint is not
-        claimed by anything in it (a config.yaml of an earlier start that failed included).
-        Collective: rank 0 picks the checkpoint, every rank gets the same answer."""
-        t, main = self.cfg.train, self.layout.is_main
-        scan = self.checkpointer.choose_resume()
-        for tag_dir, problem in scan.rejected:
-            if main:
-                log.warning("checkpoint %s cannot be used: %s", tag_dir.name, problem)
-        if scan.only_unusable:
-            if not t.restart:
-                listed = "\n  ".join(f"{tag.name}: {why}" for tag, why in scan.rejected) or "(none left)"
-                raise CheckpointError(
-                    f"run folder {self.run_dir} has checkpoints, but none can be resumed from:\n  {listed}\n"
-                    f"Nothing was changed. Repair or remove them, use another train.name or train.out_dir, "
-                    f"or set train.restart=true to start again from step 0 (what this folder holds is then "
-                    f"moved to {self.run_dir / 'previous'}/<time>/, not deleted)")
-            if main:
-                log.warning("train.restart=true: no usable checkpoint; starting again from step 0")
-            return None
-        if scan.usable is None:
-            return None
-        if t.restart and main:
-            log.info("train.restart=true has no effect: checkpoint %s is usable and is resumed", scan.usable.name)
-        self._check_same_model()
-        return scan.usable
-
-    def _check_same_model(self) -> None:
-        """A run folder belongs to one model: refuse to resume it with another."""
-        saved = self.run_dir / "config.yaml"
-        if not saved.is_file():
-            return
-        current = self.cfg.model_dump(mode="json")
-        old = yaml.safe_load(saved.read_text())
-        diffs = [f"model.{k}: {old['model'].get(k)!r} -> {v!r}"
-                 for k, v in current["model"].items() if old["model"].get(k) != v]
-        if old["data"]["seq_len"] != current["data"]["seq_len"]:
-            diffs.append(f"data.seq_len: {old['data']['seq_len']} -> {current['data']['seq_len']}")
-        if diffs:
-            raise ConfigError(f"run folder {self.run_dir} was created with a different config "
-                              f"({saved}); use another train.name or train.out_dir. Differences:\n  "
-                              + "\n  ".join(diffs))
-
-    def _start_run_folder(self, resumed: bool) -> None:
-        """Claim the run folder, once the data is checked, the engine built and the checkpoint
-        loaded.  A resume at step s drops the metrics rows after s (those steps run again,
-        identically); a start from step 0 moves what an earlier attempt left (metrics,
-        TensorBoard logs, plots, checkpoints) to ``previous/<time>/``: nothing is mixed, nothing
-        lost.  Then ``config.yaml`` records this start's config."""
-        if self.layout.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed:
-                self._truncate_history(self.step)
-            else:
-                self._move_earlier_attempt_aside()
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-        dist.barrier()
-
-    def _move_earlier_attempt_aside(self) -> None:
-        found = [self.run_dir / n for n in RUN_OUTPUTS if (self.run_dir / n).exists()]
-        if not found:
-            return
-        found += [p for p in [self.run_dir / "config.yaml"] if p.exists()]
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        dest, n = self.run_dir / "previous" / stamp, 1
-        while dest.exists():
-            n += 1
-            dest = self.run_dir / "previous" / f"{stamp}.{n}"
-        dest.mkdir(parents=True)
-        for path in found:
-            path.rename(dest / path.name)
-        log.warning("starting from step 0: moved what an earlier attempt left in %s (%s) to %s",
-                    self.run_dir, ", ".join(p.name for p in found), dest)
-
-    def _truncate_history(self, step: int) -> None:
-        """Keep the metrics rows up to ``step`` (one per step) and drop damaged lines."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        rows, later, damaged = {}, 0, 0
-        for line in path.read_text().splitlines():
-            try:
-                row_step = int(json.loads(line)["step"])
-            except (ValueError, KeyError, TypeError):
-                damaged += 1
-                continue
-            if row_step <= step:
-                rows[row_step] = line
-            else:
-                later += 1
-        text = "".join(rows[k] + "\n" for k in sorted(rows))
-        if text != path.read_text():
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            log.info("metrics.jsonl: kept the rows up to step %d; dropped %d rows of later steps (they "
-                     "run again) and %d damaged lines", step, later, damaged)
-
-    # ------------------------------------------------------------------ signals
-
-    def _poll(self) -> tuple[bool, bool]:
-        """(a rank wants to stop, a rank is still writing the checkpoint in flight): one collective."""
-        stop, writing = sum_over_ranks([1.0 if stop_requested() else 0.0, float(self.checkpointer.writing())],
-                                       self.layout.device)
-        return stop > 0, writing > 0
-
     # ------------------------------------------------------------------ state
 
-    def _save(self) -> None:
-        """Start the checkpoint of this step (committed later, see :meth:`_commit`)."""
-        if self.checkpointer.pending is not None:
-            self._commit()
-        state = {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
-                 "schedule": {k: getattr(self.cfg.train, k) for k in SCHEDULE_KEYS},
-                 "data": self.train_loader.state_dict()}
-        seconds = self.checkpointer.save(self.engine, self.step, state)
-        self.metrics.scalars(self.step, {"ckpt/save_s": seconds})
-
-    def _commit(self) -> None:
-        times = self.checkpointer.commit()
-        if self.layout.is_main:
-            log.info("saved checkpoint step %d to %s: %.1f MB; the step loop waited %.2fs, the write took %.2fs "
-                     "(%.0f MB/s)%s", times.step, self.checkpointer.dir, times.bytes / 1e6, times.blocked_s,
-                     times.write_s, times.bytes / 1e6 / self.layout.world_size / max(times.write_s, 1e-9),
-                     " in the background" if self.cfg.train.checkpoint.async_save else "")
-        self.metrics.scalars(self.step, {"ckpt/write_s": times.write_s})
-
-    def _save_on_stop(self) -> str:
-        """On a stop request: save what the grace time allows (see checkpoint.plan_stop); returns
-        what was done, for the log."""
-        plan = self.checkpointer.plan_stop(self.step, sigterm_age_s())
-        if self.layout.is_main:
-            log.info("stop: %s", plan.reason)
-        pending = self.checkpointer.pending.step if self.checkpointer.pending is not None else None
-        if plan.discard_pending:
-            self.checkpointer.discard()
-        elif plan.finish_pending:
-            self._commit()
-        if plan.save_now:
-            self._save()
-            self._commit()
-            return f"saved step {self.step}"
-        if plan.finish_pending:
-            return f"saved step {pending}"
-        return f"kept the last committed checkpoint ({self.checkpointer.dir / 'latest'})"
+    def _trainer_state(self) -> dict[str, Any]:
+        """The trainer's part of a checkpoint (JSON, the same on every rank)."""
+        return {"tokens_seen": self.tokens_seen, "nonfinite_skipped": self.skipped_steps,
+                "schedule": {k: getattr(self.cfg.train, k) for k in SCHEDULE_KEYS},
+                "data": self.train_loader.state_dict()}
 
     def _resume(self, tag_dir: Path) -> None:
         start = time.perf_counter()
@@ -422,76 +269,78 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
-        t, main = self.cfg.train, self.layout.is_main
-        if self.resume_tag is not None:
+        t, resumed = self.cfg.train, self.resume_tag is not None
+        if resumed:
             self._resume(self.resume_tag)
-        self._start_run_folder(resumed=self.resume_tag is not None)
+        self.run_folder.claim(resumed, self.step)
         # On resume, TensorBoard hides what an earlier attempt logged after the checkpoint.
-        self.metrics = MetricsLogger(self.run_dir / "tb" if main else None,
-                                     purge_step=self.step + 1 if self.resume_tag is not None else None)
-        if main:
-            log.info("run folder %s | %d ranks (dp %d, tp %d, ep %d) | global batch %d x %d tokens | grad accum %d | "
-                     "steps %d..%d", self.run_dir, self.layout.world_size, self.layout.dp, self.layout.tp, self.layout.ep,
-                     t.global_batch_size, self.cfg.data.seq_len, self.grad_accum, self.step, t.max_steps)
-        history = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        self.metrics = MetricsLogger.for_run(self.run_dir, self.layout.is_main, self.step + 1 if resumed else None)
+        self._log_start()
         batches = iter(self.train_loader)
         last_step = t.max_steps if not t.exit_after_steps else min(t.max_steps, self.step + t.exit_after_steps)
-        interval_start, interval_steps, interval_flops = time.perf_counter(), 0, 0.0
+        interval = ThroughputInterval()
         try:
             while self.step < last_step:
                 metrics = self.train_step(batches)
-                interval_steps += 1
-                interval_flops += self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"]))
+                interval.add_step(self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"])))
                 if self.val_loader is not None and self.step % t.eval_every == 0:
                     metrics.update(self.evaluate())
                 logged = self.step % t.log_every == 0 or self.step == last_step
                 if logged:
-                    now = time.perf_counter()
-                    metrics.update(self._throughput(interval_steps, now - interval_start, interval_flops))
-                    interval_start, interval_steps, interval_flops = now, 0, 0.0
-                if main:
-                    self.metrics.scalars(self.step, metrics)
-                    history.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **metrics}) + "\n")
-                    history.flush()
-                    if logged:
-                        self.metrics.console(self.step, t.max_steps, metrics)
-                if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    if self.checkpointer.pending is not None:
-                        self._commit()  # taken before the trouble: a good checkpoint
-                    raise TrainingError(
-                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                        f"(limit train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping without "
-                        f"saving. The last good checkpoint is in {self.checkpointer.dir}")
-                stop, writing = self._poll()
-                if self.checkpointer.pending is not None and not writing:
-                    self._commit()
-                if stop:
-                    done = self._save_on_stop()
-                    if main:
-                        log.warning("stop requested (%s): %s; exiting with status %d: run the same command again "
-                                    "(or requeue the job) to resume", stop_requested() or "signal on another rank",
-                                    done, EXIT_PREEMPTED)
-                    return EXIT_PREEMPTED
-                if self.step % t.checkpoint.every == 0 or self.step == last_step:
-                    self._save()
-            if self.checkpointer.pending is not None:
-                self._commit()
+                    metrics.update(self._throughput(*interval.take()))
+                self.metrics.row(self.step, t.max_steps, metrics, console=logged)
+                self._check_finite()
+                saving = self.checkpointer.after_step(
+                    self.engine, self.step, due=self.step % t.checkpoint.every == 0 or self.step == last_step,
+                    trainer_state=self._trainer_state, stop_requested=stop_requested() is not None,
+                    sigterm_age_s=sigterm_age_s())
+                self.metrics.scalars(self.step, saving.scalars)
+                if saving.stopped is not None:
+                    return self._exit_preempted(saving.stopped)
+            self.metrics.scalars(self.step, self.checkpointer.finish())
         finally:
             self.checkpointer.close()
-            if history is not None:
-                history.close()
             self.metrics.close()
-        if main:
-            self._write_plots()
-        if main and self.step < t.max_steps:
+        self._log_end()
+        return EXIT_OK
+
+    def _log_start(self) -> None:
+        t, lay = self.cfg.train, self.layout
+        if lay.is_main:
+            log.info("run folder %s | %d ranks (dp %d, tp %d, ep %d) | global batch %d x %d tokens | grad accum %d | "
+                     "steps %d..%d", self.run_dir, lay.world_size, lay.dp, lay.tp, lay.ep,
+                     t.global_batch_size, self.cfg.data.seq_len, self.grad_accum, self.step, t.max_steps)
+
+    def _check_finite(self) -> None:
+        """Give up after ``train.max_nonfinite_steps`` non-finite steps in a row."""
+        t = self.cfg.train
+        if self.nonfinite_in_a_row >= t.max_nonfinite_steps:
+            self.metrics.scalars(self.step, self.checkpointer.finish())  # taken before the trouble: a good one
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(limit train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping without "
+                f"saving. The last good checkpoint is in {self.checkpointer.dir}")
+
+    def _exit_preempted(self, saved: str) -> int:
+        if self.layout.is_main:
+            log.warning("stop requested (%s): %s; exiting with status %d: run the same command again "
+                        "(or requeue the job) to resume", stop_requested() or "signal on another rank",
+                        saved, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+
+    def _log_end(self) -> None:
+        t = self.cfg.train
+        if not self.layout.is_main:
+            return
+        self._write_plots()
+        if self.step < t.max_steps:
             log.info("stopped after train.exit_after_steps=%d at step %d; run again to continue",
                      t.exit_after_steps, self.step)
-        elif main:
+        else:
             log.info("done: %d steps, %d tokens. TensorBoard: tensorboard --logdir %s ; checkpoints: %s ; "
                      "run the same command again to resume (raise train.max_steps to train further)",
                      self.step, self.tokens_seen, shlex.quote(str(self.run_dir / "tb")),
                      shlex.quote(str(self.checkpointer.dir)))
-        return EXIT_OK
 
     def _write_plots(self) -> None:
         """The run is done whatever happens here: a plot that cannot be drawn is a warning."""

@@ -18,7 +18,8 @@ import os
 import sys
 
 from mythos_scale.config import ConfigError, layout_problem, load_config
-from mythos_scale.train.status import EXIT_BAD_INPUT, EXIT_INTERRUPTED, install_stop_handlers
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from mythos_scale.train.stop_signals import install_stop_handlers
 
 
 def _parser() -> argparse.ArgumentParser:

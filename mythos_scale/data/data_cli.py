@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mythos_scale.config import DataConfig, ModelConfig
 from mythos_scale.data.manifest import DataError
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(model.vocab_size >= {m.vocab_size})")
     except DataError as exc:
         print(f"mythos data {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return EXIT_OK
 
 
 if __name__ == "__main__":

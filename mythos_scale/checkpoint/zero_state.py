@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mythos_scale.train.checkpoint.format import BUFFER, MASTER, CheckpointReader, Piece, tensor_key
+from mythos_scale.checkpoint.format import BUFFER, MASTER, CheckpointReader, Piece, tensor_key
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,10 @@ class Parts:
     replicated: float = 0.0
     routed: float = 0.0
 
-    def __add__(self, other: "Parts") -> "Parts":
+    def __add__(self, other: Parts) -> Parts:
         return Parts(self.split + other.split, self.replicated + other.replicated, self.routed + other.routed)
 
-    def __mul__(self, k: float) -> "Parts":
+    def __mul__(self, k: float) -> Parts:
         return Parts(self.split * k, self.replicated * k, self.routed * k)
 
     __rmul__ = __mul__

@@ -14,9 +14,9 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import xxhash
@@ -87,7 +87,7 @@ class WriteJob:
         self._abort = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "WriteJob":
+    def start(self) -> WriteJob:
         self._thread = threading.Thread(target=self.run, name=f"checkpoint-writer {self.path.name}", daemon=True)
         self._thread.start()
         return self

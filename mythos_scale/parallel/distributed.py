@@ -239,3 +239,12 @@ def init_process_groups(layout: ParallelLayout, timeout_minutes: float = 20.0) -
     if megatron != ours:
         raise RuntimeError(f"rank {layout.rank}: megatron-core placed it at (tp, dp, ep, edp) ranks {megatron}, "
                            f"the layout at {ours}")
+
+
+def sum_over_ranks(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Sum scalars over all ranks in one all-reduce, read back with one host sync.  The tensor is
+    on ``device``, the layout's: an NCCL group has no CPU backend (the process group is
+    ``cpu:gloo,cuda:nccl`` so CPU tensors work too, through gloo)."""
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values])
+    dist.all_reduce(packed)
+    return packed.tolist()

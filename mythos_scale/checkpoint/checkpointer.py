@@ -27,7 +27,7 @@ Resuming: rank 0 alone lists the folder and proposes the newest checkpoint, neve
 (its own when the layout is unchanged) and one that differs from its record rejects it; rank 0
 broadcasts the choice.  So ranks whose listings differ (delayed visibility on a shared file
 system) resume from the same step; a rank waits up to ``VISIBILITY_TIMEOUT_S`` for a file of
-the chosen checkpoint to appear.  The checkpoint is loaded into any layout (see .zero).
+the chosen checkpoint to appear.  The checkpoint is loaded into any layout (see .zero_state).
 
 What is kept (after each commit; the checkpoint just committed is the newest good one):
 
@@ -51,6 +51,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,21 +62,27 @@ import torch.distributed as dist
 import xxhash
 from safetensors import safe_open
 
+from mythos_scale.checkpoint.format import MANIFEST, CheckpointError, CheckpointReader, rank_file, read_record
+from mythos_scale.checkpoint.stop import STOP_MARGIN_S, SaveTimes, StopPlan, plan_stop
+from mythos_scale.checkpoint.writer import WriteJob, fsync_dir
+from mythos_scale.checkpoint.zero_state import (
+    HostSnapshot,
+    check_same_parameters,
+    file_tensors,
+    load_pieces,
+    local_pieces,
+    optimizer_state_keys,
+    optimizer_step,
+    persistent_buffers,
+)
 from mythos_scale.config import Config
-from mythos_scale.parallel import ParallelLayout
-from mythos_scale.train.checkpoint.format import (MANIFEST, CheckpointError, CheckpointReader, read_record,
-                                                  rank_file)
-from mythos_scale.train.checkpoint.writer import WriteJob, fsync_dir
-from mythos_scale.train.checkpoint.zero import (HostSnapshot, check_same_parameters, file_tensors, load_pieces,
-                                                local_pieces, optimizer_state_keys, optimizer_step,
-                                                persistent_buffers)
+from mythos_scale.parallel import ParallelLayout, sum_over_ranks
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 UNUSABLE = "unusable"  # damaged checkpoints are moved here, never deleted
 VISIBILITY_TIMEOUT_S = 60.0  # how long a rank waits for a file rank 0 saw to appear in its own view
-STOP_MARGIN_S = 2.0  # of the grace time, kept for exiting after the last save
 
 
 class CheckpointWriteError(RuntimeError):
@@ -215,64 +222,6 @@ class ResumePoint:
     resharded: str | None  # what was resharded, when the layout differs from the checkpoint's
 
 
-@dataclass
-class SaveTimes:
-    """One committed save, the slowest rank's figures."""
-
-    step: int
-    bytes: int  # all ranks together
-    blocked_s: float  # the step loop waited this long (host copy)
-    write_s: float  # writing and fsync, in the background when asynchronous
-    commit_s: float  # the gather and rank 0's commit record
-
-    @property
-    def total_s(self) -> float:
-        """What the save would take if made now and waited for."""
-        return self.blocked_s + self.write_s + self.commit_s
-
-
-@dataclass
-class StopPlan:
-    finish_pending: bool  # commit the save in flight
-    discard_pending: bool  # abort it (it cannot finish in time)
-    save_now: bool  # then save the current step
-    reason: str
-
-
-def plan_stop(step: int, budget_s: float | None, pending_step: int | None, pending_s: float,
-              last: SaveTimes | None) -> StopPlan:
-    """What to save when a stop is requested at ``step``.  ``budget_s``: seconds left before
-    SIGKILL (None: no deadline); ``pending_step`` / ``pending_s``: the save in flight and the
-    seconds it still needs; ``last``: the last committed save (the estimate of a new one).
-
-    Without a deadline: finish the save in flight, then save this step.  With one: finish the
-    save in flight if it fits (the cheapest exact resume point: its data is mostly written),
-    then save this step if a save, as long as the last one took, fits what is left; a save that
-    does not fit is not started (the last committed checkpoint stays the resume point and the
-    process exits in time, status 75).  With no save measured yet, one is tried: a save cut
-    short by SIGKILL never replaces the previous checkpoint."""
-    estimate = last.total_s if last is not None else None
-    if budget_s is None:
-        return StopPlan(pending_step is not None, False, pending_step != step, "saving")
-    left = budget_s
-    finish = pending_step is not None and pending_s <= left
-    if finish:
-        left -= pending_s
-    discard = pending_step is not None and not finish
-    save_now = pending_step != step and (estimate is None or estimate <= left)
-    parts = [f"{budget_s:.1f}s of the grace time left"]
-    if finish:
-        parts.append(f"finishing the save of step {pending_step} in flight (~{pending_s:.1f}s)")
-    elif discard:
-        parts.append(f"discarding the save of step {pending_step} in flight (~{pending_s:.1f}s more)")
-    if save_now:
-        parts.append(f"saving step {step}" + (f" (~{estimate:.1f}s, as the last save took)" if estimate else
-                                              " (no earlier save to estimate from)"))
-    elif pending_step != step:
-        parts.append(f"not saving step {step}: a save takes ~{estimate:.1f}s (the last one)")
-    return StopPlan(finish, discard, save_now, "; ".join(parts))
-
-
 # --------------------------------------------------------------------------- the checkpointer
 
 
@@ -285,6 +234,14 @@ class _PendingSave:
     shapes: dict[str, list[int]]
     record: dict[str, Any] | None  # rank 0: the commit record without pieces and files
     blocked_s: float = 0.0
+
+
+@dataclass
+class StepOutcome:
+    """What :meth:`Checkpointer.after_step` did."""
+
+    scalars: list[dict[str, float]]  # ckpt/save_s, ckpt/write_s of this step, in the order measured
+    stopped: str | None = None  # on a stop request, what was saved (for the log): the run exits now
 
 
 def _broadcast(obj: Any) -> Any:
@@ -310,6 +267,70 @@ class Checkpointer:
     def _layout(self) -> dict[str, int]:
         return {"world_size": self.layout.world_size, "dp": self.layout.dp, "tp": self.layout.tp,
                 "ep": self.layout.ep, "zero_stage": self.cfg.train.zero_stage}
+
+    # ------------------------------------------------------------------ once per step
+
+    def after_step(self, engine, step: int, due: bool, trainer_state: Callable[[], dict[str, Any]],
+                   stop_requested: bool, sigterm_age_s: float | None) -> StepOutcome:
+        """The checkpointing of one optimizer step, on every rank at its end: one collective asks
+        whether a rank wants to stop and whether a rank still writes the save in flight; that
+        save is committed once every rank wrote it; on a stop request, what the grace time
+        allows is saved (:meth:`plan_stop`) and ``stopped`` says what; else the save of
+        ``step`` starts when ``due``.  ``trainer_state``: the trainer's part of a checkpoint
+        (JSON, the same on every rank); ``sigterm_age_s``: seconds since this rank got SIGTERM."""
+        outcome = StepOutcome([])
+        stop, writing = self.poll(stop_requested)
+        if self.pending is not None and not writing:
+            outcome.scalars.append(self._commit_and_log())
+        if stop:
+            outcome.stopped = self._save_on_stop(engine, step, trainer_state, sigterm_age_s, outcome.scalars)
+        elif due:
+            outcome.scalars += self._save(engine, step, trainer_state())
+        return outcome
+
+    def poll(self, stop_requested: bool) -> tuple[bool, bool]:
+        """(a rank wants to stop, a rank is still writing the save in flight): one collective."""
+        stop, writing = sum_over_ranks([1.0 if stop_requested else 0.0, float(self.writing())], self.layout.device)
+        return stop > 0, writing > 0
+
+    def finish(self) -> list[dict[str, float]]:
+        """Commit the save in flight, if any (at the end of a run, or before giving up on one)."""
+        return [self._commit_and_log()] if self.pending is not None else []
+
+    def _save(self, engine, step: int, trainer_state: dict[str, Any]) -> list[dict[str, float]]:
+        """Start the save of ``step``, after committing the one in flight."""
+        scalars = self.finish()
+        scalars.append({"ckpt/save_s": self.save(engine, step, trainer_state)})
+        return scalars
+
+    def _commit_and_log(self) -> dict[str, float]:
+        times = self.commit()
+        if self.rank == 0:
+            log.info("saved checkpoint step %d to %s: %.1f MB; the step loop waited %.2fs, the write took %.2fs "
+                     "(%.0f MB/s)%s", times.step, self.dir, times.bytes / 1e6, times.blocked_s,
+                     times.write_s, times.bytes / 1e6 / self.layout.world_size / max(times.write_s, 1e-9),
+                     " in the background" if self.opts.async_save else "")
+        return {"ckpt/write_s": times.write_s}
+
+    def _save_on_stop(self, engine, step: int, trainer_state: Callable[[], dict[str, Any]],
+                      sigterm_age_s: float | None, scalars: list[dict[str, float]]) -> str:
+        """On a stop request: save what the grace time allows (see :func:`plan_stop`); returns
+        what was done, for the log."""
+        plan = self.plan_stop(step, sigterm_age_s)
+        if self.rank == 0:
+            log.info("stop: %s", plan.reason)
+        pending = self.pending.step if self.pending is not None else None
+        if plan.discard_pending:
+            self.discard()
+        elif plan.finish_pending:
+            scalars.append(self._commit_and_log())
+        if plan.save_now:
+            scalars += self._save(engine, step, trainer_state())
+            scalars.append(self._commit_and_log())
+            return f"saved step {step}"
+        if plan.finish_pending:
+            return f"saved step {pending}"
+        return f"kept the last committed checkpoint ({self.dir / LATEST})"
 
     # ------------------------------------------------------------------ save
 

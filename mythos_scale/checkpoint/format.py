@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -65,11 +66,11 @@ class Piece:
     numel: int
 
     @staticmethod
-    def whole(shape: tuple[int, ...], dim: int = 0) -> "Piece":
+    def whole(shape: tuple[int, ...], dim: int = 0) -> Piece:
         shape = _shape(shape)
         return Piece(dim, 0, shape[dim], 0, math.prod(shape))
 
-    def on_dim(self, shape: tuple[int, ...], dim: int) -> "Piece":
+    def on_dim(self, shape: tuple[int, ...], dim: int) -> Piece:
         """The same piece described along ``dim``: possible when it is not narrowed on its own dim."""
         if dim == self.dim:
             return self
@@ -149,7 +150,7 @@ def read_record(tag_dir: Path) -> dict[str, Any]:
                     "buffers", "files"):
             record[key]  # noqa: B018 - presence check
         record["step"], record["world_size"] = int(record["step"]), int(record["world_size"])
-        for name, entry in record["files"].items():
+        for entry in record["files"].values():
             int(entry["bytes"]), str(entry["xxh3"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path} is not a valid checkpoint record ({exc})") from None
@@ -186,7 +187,7 @@ class CheckpointReader:
         self._stack = ExitStack()
         self._files: dict[str, Any] = {}
 
-    def __enter__(self) -> "CheckpointReader":
+    def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc) -> None:

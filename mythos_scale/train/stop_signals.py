@@ -1,8 +1,9 @@
-"""Exit statuses and stop requests, shared by the launcher, the command and the trainer.
+"""Stop requests, shared by the launcher, the command and the trainer.
 
 SIGTERM, SIGUSR1 (Slurm's pre-timeout signal) and SIGINT (Ctrl-C) ask for a stop: the run
 finishes its step, saves, and exits with ``EXIT_PREEMPTED``.  A second SIGINT means "now":
-it raises KeyboardInterrupt, and the run ends without saving (``EXIT_INTERRUPTED``).
+it raises KeyboardInterrupt, and the run ends without saving (``EXIT_INTERRUPTED``; both in
+:mod:`mythos_scale.exit_codes`).
 Imports nothing heavy: handlers are installed before torch and DeepSpeed load, so a signal
 during start-up is never lost.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import signal
 import time
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 _stop_signal: str | None = None

@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from mythos_scale.config import Config, ConfigError, load_config
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 from mythos_scale.plan.cluster import GPUS, Cluster, make_cluster
 from mythos_scale.plan.counts import plan_model
 from mythos_scale.plan.estimate import Plan, make_plan
@@ -131,7 +132,7 @@ def format_search(plans: list[Plan], rejected: list[Rejected], top: int) -> str:
         groups[_reason_kind(r.reasons[0])].append(r)
     if groups:
         lines.append("rejected (first reason; one example each):")
-        for kind, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        for items in sorted(groups.values(), key=len, reverse=True):
             example = items[0]
             desc = " ".join(f"{k} {v}" for k, v in example.layout.items() if k in ("dp", "tp", "ep", "zero_stage",
                                                                                   "micro_batch", "checkpointing"))
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _build(args, cfg)
     except (ConfigError, ValueError) as err:
         print(f"mythos plan: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     cluster = result["cluster"]
     if args.json:
         out: dict[str, Any] = {"model": result["model"], "cluster": _cluster_dict(cluster)}
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             out["fits"] = [p.as_dict() for p in plans]
             out["rejected"] = [{"layout": r.layout, "reasons": r.reasons} for r in rejected]
         print(json.dumps(out, indent=2))
-        return 0
+        return EXIT_OK
     print(f"{args.config or 'defaults'} on {cluster.describe()} "
           f"(compute at {cluster.compute_efficiency:.0%} of {cluster.gpu.bf16_tflops:g} TFLOP/s, "
           f"links at {cluster.comm_efficiency:.0%})")
@@ -247,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
         print(format_plan(result["plan"]))
     else:
         print(format_search(*result["search"], top=args.top))
-    return 0
+    return EXIT_OK

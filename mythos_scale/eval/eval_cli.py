@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
+
 
 def parse_ints(text: str, what: str) -> list[int]:
     try:
@@ -122,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     from mythos_scale.data.manifest import DataError
     from mythos_scale.eval.evaluate import eval_modes, evaluate_loops, format_table, plot_loss_vs_loops
     from mythos_scale.eval.load import ModelLoadError, load_model
-    from mythos_scale.train.status import EXIT_BAD_INPUT
 
     try:
         if args.batch_size < 1 or args.max_batches < 0:
@@ -145,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
                           "modes": [m.name for m in modes], "rows": rows, "plot": str(plot)}, indent=2))
     else:
         print(f"{title}\n{format_table(rows)}\nplot: {plot}")
-    return 0
+    return EXIT_OK
