@@ -39,8 +39,9 @@ import torch
 from tqdm import tqdm
 
 from mythos_scale.config import Config, load_config
-from mythos_scale.data.loader import build_val_loader, resolve_dataset
+from mythos_scale.data.loader import build_val_loader
 from mythos_scale.data.manifest import TOKENIZER_NAME
+from mythos_scale.data.sources import resolve_dataset
 from mythos_scale.data.tokenizer import load_tokenizer
 from mythos_scale.eval.evaluate import EvalMode, evaluate
 from mythos_scale.eval.generate import Sampling, generate

@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 from mythos_scale.config import DataConfig, DataSource
 from mythos_scale.data.data_cli import main as data_main
 from mythos_scale.data.documents import ReadStats, find_input_files, read_documents
-from mythos_scale.data.loader import BLEND_BLOCK, build_train_loader, build_val_loader, permute
+from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError, check_compatible, read_manifest
+from mythos_scale.data.order import BLEND_BLOCK, permute
 from mythos_scale.data.prepare import prepare_dataset
 from mythos_scale.data.tokenizer import train_bpe
 

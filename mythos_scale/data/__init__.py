@@ -7,8 +7,10 @@ Modules (imported directly; this package stays light so tokenizer worker process
 - ``prepare``:   tokenize in parallel, pack into ``seq_len + 1`` token sequences, write MDS shards
 - ``manifest``:  the dataset manifest, ``DataError`` and ``check_compatible``
 - ``embedded``:  the default corpus (Python standard library sources), prepared once and cached
+- ``sources``:   the datasets of ``data.sources``: resolved (folder, URL, embedded) and verified
+- ``order``:     the global sample stream: blending and the keyed permutation (splitmix / Feistel)
 - ``loader``:    ``build_train_loader`` / ``build_val_loader`` on ``StreamingDataset``
-- ``cli``:       ``mythos data tokenizer | prepare | embedded``
+- ``data_cli``:  ``mythos data tokenizer | prepare | embedded``
 
 The data package never imports the model.
 """

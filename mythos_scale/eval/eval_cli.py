@@ -88,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
 def val_batches(loaded, data: str | None, batch_size: int, max_batches: int):
     """The validation batches and the byte length of each token id (None for a tokenizer that is
     not byte-level BPE).  DataError for a dataset the model cannot read."""
-    from mythos_scale.data.loader import build_val_loader, resolve_dataset
+    from mythos_scale.data.loader import build_val_loader
     from mythos_scale.data.manifest import TOKENIZER_NAME, DataError, read_manifest
+    from mythos_scale.data.sources import resolve_dataset
     from mythos_scale.data.tokenizer import load_tokenizer
     from mythos_scale.eval.text_bytes import token_byte_lengths
 

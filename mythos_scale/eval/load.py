@@ -114,7 +114,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def run_tokenizer(cfg: Config) -> LoadedTokenizer | None:
     """The tokenizer of the data a run was trained on (None when that dataset is not here)."""
-    from mythos_scale.data.loader import resolve_dataset
+    from mythos_scale.data.sources import resolve_dataset
 
     source = cfg.data.sources[0].path
     try:
