@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO, TINY_TRAIN, subprocess_env
 
+pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
+
 SKIPPED_STEP = r"""
 import sys, torch
 from mythos_scale.config import load_config
@@ -39,8 +41,6 @@ from mythos_scale.config import load_config
 from mythos_scale.model import build_model
 from mythos_scale.parallel import init_distributed
 from mythos_scale.train.optim import build_optimizer
-
-pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
 
 init_distributed()
 cfg = load_config(sys.argv[1], sys.argv[3:])
