@@ -197,6 +197,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_hand_sharded_tensor_parallel_model_reshards_both_ways(tmp_path):
     """Real ZeRO-2 engines: TP=2 (pieces of split parameters, each rank's own) -> DP=2 (whole
     parameters, ZeRO partitions) -> TP=2, with an AdamW step between; after each load every

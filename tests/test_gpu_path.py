@@ -203,6 +203,7 @@ def test_fake_cuda_catches_a_scatter_add_combine(cfg, fake_gpu):
 # ---------------------------------------------------------------- the backward, traced on meta
 
 
+@pytest.mark.slow
 def test_770m_backward_traced_on_meta(cfg):
     """Forward, activation-checkpointing recompute and backward of a truncated-backprop step
     (T=2, k=1) traced into one graph: every gradient has its parameter's shape and bf16 dtype,

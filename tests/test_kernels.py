@@ -404,6 +404,7 @@ def _nvcc_command(source: Path, obj: Path) -> list[str]:
             *[f"-I{d}" for d in includes]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: the CUDA sources were NOT compiled")
 def test_cuda_sources_compile_for_sm90(tmp_path):
     """All .cu files in one translation unit (the torch headers are parsed once: ~30 s instead of ~110 s)."""
