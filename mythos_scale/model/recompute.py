@@ -14,8 +14,7 @@ same order.  Outside a checkpoint :func:`host_values` just reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -41,34 +40,29 @@ class _Memo:
         self.replay_next += 1
         return value
 
-    @contextmanager
-    def recording(self) -> Iterator[None]:
-        with _active_as(self):
-            yield
 
-    @contextmanager
-    def replaying(self) -> Iterator[None]:
-        self.replay_next = 0  # from the start on every recompute (a second backward replays again)
-        with _active_as(self):
-            yield
+class _Phase:
+    """Makes ``memo`` the active one while entered; re-enterable (a second backward recomputes again)."""
+
+    def __init__(self, memo: _Memo, replay: bool) -> None:
+        self.memo, self.replay, self.tokens = memo, replay, []
+
+    def __enter__(self) -> None:
+        if self.replay:
+            self.memo.replay_next = 0  # every recompute replays from the start
+        self.tokens.append(_active.set(self.memo))
+
+    def __exit__(self, *exc) -> None:
+        _active.reset(self.tokens.pop())
 
 
 _active: ContextVar[_Memo | None] = ContextVar("mythos_recompute_memo", default=None)
 
 
-@contextmanager
-def _active_as(memo: _Memo) -> Iterator[None]:
-    token = _active.set(memo)
-    try:
-        yield
-    finally:
-        _active.reset(token)
-
-
 def checkpoint_contexts() -> tuple[Any, Any]:
     """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``."""
     memo = _Memo()
-    return memo.recording(), memo.replaying()
+    return _Phase(memo, replay=False), _Phase(memo, replay=True)
 
 
 def host_values(key: str, read: Callable[[], Value]) -> Value:

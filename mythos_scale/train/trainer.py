@@ -212,15 +212,17 @@ class Trainer:
     @staticmethod
     def _model_stats(stats: dict[str, torch.Tensor], load: dict[str, float]) -> dict[str, float]:
         """TensorBoard tags for the model's own signals: one per loop iteration for per-iteration
-        ones (``model/h_norm/iter_03``); the expert-load dict already holds its tags."""
+        ones (``model/h_norm/iter_03``); the expert-load dict already holds its tags.  All values
+        are read in one host sync."""
         out = dict(load)
-        for name, value in stats.items():
-            value = value.detach().float()
+        flat = [value.detach().float().reshape(-1) for value in stats.values()]
+        values = iter(torch.cat(flat).tolist() if flat else [])
+        for (name, value), size in zip(stats.items(), (f.numel() for f in flat)):
             if value.ndim == 0:
-                out[f"model/{name}"] = value.item()
+                out[f"model/{name}"] = next(values)
             else:
-                for i, v in enumerate(value.tolist()):
-                    out[f"model/{name}/iter_{i:02d}"] = v
+                for i in range(size):
+                    out[f"model/{name}/iter_{i:02d}"] = next(values)
         return out
 
     def _step_flops(self, n_loops: int, k: int) -> float:
