@@ -79,7 +79,7 @@ from mythos_scale.model.attention import build_attention
 from mythos_scale.model.cache import KVCache
 from mythos_scale.model.layers import DenseFFN, LoopLinear, RMSNorm, RotaryTable
 from mythos_scale.model.moe import MoE, RoutedExperts
-from mythos_scale.model.recompute import checkpoint_contexts
+from mythos_scale.model.recompute import replayed_in_recompute
 from mythos_scale.model.recurrence import ACTAccumulator, FrozenKV, HaltingUnit, LoopEmbedding, LTIInjection, kl_divergence
 
 
@@ -326,8 +326,8 @@ class MythosModel(nn.Module):
                 iteration_stats.before(h)
             with torch.set_grad_enabled(outer_grad and carries_grad):
                 if self.cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                    h_next, aux, counts = checkpoint(self._iterate, h, e_inj, a_bar, t, None, start_pos,
-                                                     use_reentrant=False, context_fn=checkpoint_contexts)
+                    h_next, aux, counts = checkpoint(replayed_in_recompute(self._iterate), h, e_inj, a_bar, t,
+                                                     None, start_pos, use_reentrant=False)
                 else:
                     kv = ([self._kv(cache, ("core", t, i)) for i in range(len(self.core))]
                           if cache is not None else None)

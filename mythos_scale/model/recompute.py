@@ -7,9 +7,11 @@ then its recompute in backward) on the same inputs, and the model's forward is d
 (moe.py: no scatter-add), so the recompute would read the very same values: it replays the
 forward's instead, and skips the reads (and the collective that produced them).
 
-:func:`checkpoint_contexts` is the ``context_fn`` of ``torch.utils.checkpoint`` (non-reentrant):
-the forward records every :func:`host_values` call in order, the recompute replays them in the
-same order.  Outside a checkpoint :func:`host_values` just reads.
+:func:`replayed_in_recompute` wraps the function given to ``torch.utils.checkpoint``: its first
+call (the forward) records every :func:`host_values` call in order, later calls (the recompute)
+replay them in the same order.  Outside such a function :func:`host_values` just reads.  (A
+wrapper rather than checkpoint's ``context_fn``, which tracing (make_fx, torch.compile) accepts
+only as dispatch modes: a Python hook on every op.)
 """
 
 from __future__ import annotations
@@ -42,27 +44,34 @@ class _Memo:
 
 
 class _Phase:
-    """Makes ``memo`` the active one while entered; re-enterable (a second backward recomputes again)."""
+    """Makes ``memo`` the active one while entered, recording or replaying from the start."""
 
     def __init__(self, memo: _Memo, replay: bool) -> None:
-        self.memo, self.replay, self.tokens = memo, replay, []
+        self.memo, self.replay = memo, replay
 
     def __enter__(self) -> None:
-        if self.replay:
-            self.memo.replay_next = 0  # every recompute replays from the start
-        self.tokens.append(_active.set(self.memo))
+        self.memo.replay_next = 0 if self.replay else None
+        self.token = _active.set(self.memo)
 
     def __exit__(self, *exc) -> None:
-        _active.reset(self.tokens.pop())
+        _active.reset(self.token)
 
 
 _active: ContextVar[_Memo | None] = ContextVar("mythos_recompute_memo", default=None)
 
 
-def checkpoint_contexts() -> tuple[Any, Any]:
-    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``."""
-    memo = _Memo()
-    return _Phase(memo, replay=False), _Phase(memo, replay=True)
+def replayed_in_recompute(fn: Callable[..., Value]) -> Callable[..., Value]:
+    """``fn`` for one ``torch.utils.checkpoint`` call: the first call records the host values it
+    reads, every later one (a recompute) replays them."""
+    memo, recorded = _Memo(), False
+
+    def run(*args, **kwargs):
+        nonlocal recorded
+        with _Phase(memo, replay=recorded):
+            recorded = True
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def host_values(key: str, read: Callable[[], Value]) -> Value:
