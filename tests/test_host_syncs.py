@@ -158,3 +158,30 @@ def test_training_step_sync_budget(tmp_path):
         assert rank["unlogged"]["total"] <= UNLOGGED_STEP_SYNCS, rank
         assert rank["logged"]["total"] <= LOGGED_STEP_SYNCS, rank
         assert rank["unlogged"]["model_stats"] == [] and "model/core_change/iter_06" in rank["logged"]["model_stats"]
+
+
+def test_an_ep_recompute_that_routes_differently_is_caught(tmp_path):
+    """EP over a group of one: the recompute replays the forward's split sizes, and a recompute
+    whose routing changed (here a balance bias moved between forward and backward, which would
+    make the replayed sizes wrong) fails on the device-side check instead of mixing up rows."""
+    import torch.distributed as dist
+
+    from mythos_scale.parallel.ep import shard_experts
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        cfg = small_cfg(activation_checkpointing=True, max_loops=LOOPS)
+        model = build_model(cfg, seed=0).train()
+        shard_experts(model, 0, 1, dist.group.WORLD)
+        ids = tokens(cfg)
+        with HostSyncCounter() as syncs:
+            lm_loss(model, ids, n_loops=LOOPS, backprop_depth=DEPTH).backward()
+        assert syncs.by_kind["tolist"] == LOOPS * cfg.core_layers  # read in the forward only
+        loss = lm_loss(model, ids, n_loops=LOOPS, backprop_depth=DEPTH)
+        with torch.no_grad():
+            for layer in model.core:
+                layer.ffn.balance_bias[:, 0] += 100.0  # every token now picks expert 0 first
+        with pytest.raises(RuntimeError, match="routed differently"):
+            loss.backward()
+    finally:
+        dist.destroy_process_group()

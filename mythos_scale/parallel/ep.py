@@ -74,7 +74,8 @@ class ExpertParallelExperts(RoutedExperts):
             return counts, received, splits
 
         sent, received, splits = host_values("ep_splits", exchange_counts)  # a recompute replays the forward's
-        torch._assert_async((sent == counts).all(), "EP recompute routed differently from its forward")
+        if sent is not counts:  # a recompute: the forward's counts must be its own (checked without a sync)
+            torch._assert_async((sent == counts).all(), "EP recompute routed differently from its forward")
         send, receive = splits[:ep], splits[ep:]
         total = sum(receive)
         x_in = all_to_all_single_autograd(x_sorted.contiguous(), receive, send, self.ep_group)
