@@ -77,14 +77,14 @@ def test_a_recompute_that_reads_elsewhere_is_an_error():
     assert host_values("anything", lambda: 7) == 7  # outside a checkpointed function: read
 
 
-def _iteration_states(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run a forward and record each loop iteration's (h_t, h_{t+1})."""
+def _iterations(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Run a forward and record each loop iteration's (h_t, h_{t+1}, B_bar e, A_bar, loop index)."""
     seen = []
     iterate = model._iterate
 
-    def recording(h, *args, **kwargs):
-        out = iterate(h, *args, **kwargs)
-        seen.append((h.detach().float(), out[0].detach().float()))
+    def recording(h, e_inj, a_bar, loop, *args, **kwargs):
+        out = iterate(h, e_inj, a_bar, loop, *args, **kwargs)
+        seen.append((h.detach().float(), out[0].detach().float(), e_inj.float(), a_bar.float(), loop))
         return out
 
     model._iterate = recording
@@ -96,14 +96,15 @@ def _iteration_states(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torc
 
 
 def test_statistics_only_when_asked_and_equal_to_their_definition():
-    """``with_stats=True`` (a logged step): h_norm, update_norm and core_change equal those computed
-    here from the iteration states; ``False``: the same logits and losses, none of those keys, and
-    fewer ops dispatched (the fp32 passes are skipped, not just dropped)."""
+    """``with_stats=True`` (a logged step): every per-iteration statistic equals its definition
+    (the model docstring's), computed here from the iteration states, bit for bit; ``False``:
+    the same logits and losses, none of those keys, and fewer ops dispatched (the fp32 passes are
+    skipped, not just dropped)."""
     cfg = small_cfg(activation_checkpointing=False)
     model = build_model(cfg, seed=0).train()
     ids = tokens(cfg)
     torch.manual_seed(0)
-    states = _iteration_states(model, ids)
+    seen = _iterations(model, ids)
     outs, ops = [], []
     for with_stats in (True, False):
         torch.manual_seed(0)  # the same initial state noise
@@ -112,12 +113,19 @@ def test_statistics_only_when_asked_and_equal_to_their_definition():
         ops.append(counter.count)
     logged, unlogged = outs
     assert torch.equal(logged.logits, unlogged.logits) and torch.equal(logged.moe_aux_loss, unlogged.moe_aux_loss)
-    h_norm = torch.stack([nxt.norm(dim=-1).mean() for _, nxt in states])
-    update = torch.stack([(nxt - h).norm(dim=-1).mean() for h, nxt in states])
-    torch.testing.assert_close(logged.stats["h_norm"], h_norm, rtol=0, atol=0)
-    torch.testing.assert_close(logged.stats["update_norm"], update, rtol=0, atol=0)
-    assert logged.stats["core_change"].shape == (3,) and "state_token_cos" in logged.stats
-    assert not {"h_norm", "update_norm", "state_to_input", "core_change", "state_token_cos"} & set(unlogged.stats)
+    with torch.no_grad():
+        core = [nxt - (a_bar * h + e_inj + model.loop_embedding(t).float()) for h, nxt, e_inj, a_bar, t in seen]
+        expected = {
+            "h_norm": [nxt.norm(dim=-1).mean() for _, nxt, *_ in seen],
+            "update_norm": [(nxt - h).norm(dim=-1).mean() for h, nxt, *_ in seen],
+            "state_to_input": [(a_bar * h).pow(2).mean().sqrt() / e_inj.pow(2).mean().sqrt().clamp_min(1e-12)
+                               for h, _, e_inj, a_bar, _ in seen],
+            "core_change": [(c - prev).norm(dim=-1).mean() / c.norm(dim=-1).mean().clamp_min(1e-12)
+                            for prev, c in zip(core, core[1:])]}
+    for name, values in expected.items():
+        assert torch.equal(logged.stats[name], torch.stack(values)), name
+    assert "state_token_cos" in logged.stats
+    assert not {*expected, "state_token_cos"} & set(unlogged.stats)
     assert ops[1] < ops[0] - 40, ops
 
 
