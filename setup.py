@@ -31,7 +31,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5",
+            "moto[server]>=5"],  # a local S3 endpoint for the object-store dataset tests
     "gpu": ["flash-attn>=2.5"],
 }
 

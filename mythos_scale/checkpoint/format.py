@@ -16,13 +16,15 @@ rank writes the pieces of them it owns, as they are in its memory and without co
   state, the Adam step, where every piece is, and every file's size and xxh3-64 hash.
 
 Loading into any layout reads, for each piece a rank needs, only the byte ranges of the saved
-pieces that overlap it (safetensors slices; see :func:`copy_overlap`).  The standard
+pieces that overlap it (safetensors slices; see :func:`copy_overlap`); the overlap is computed
+from the record, so a rank opens only the files holding pieces it needs.  The standard
 safetensors tools open the files; :func:`read_model_state` and :func:`read_checkpoint_info` read
 a checkpoint with neither DeepSpeed nor a process group.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -214,14 +216,19 @@ class CheckpointReader:
         entry = self.record["params"].get(name)
         if entry is None:
             raise CheckpointError(f"checkpoint {self.dir} has no parameter {name!r}")
-        shape = tuple(entry["shape"])
+        shape, key = tuple(entry["shape"]), tensor_key(kind, name)
         copied = 0
         for file, dim, offset, length, start, numel in entry["fragments"]:
-            tensor = self._slice(file, tensor_key(kind, name))
             source = Piece(dim, offset, length, start, numel)
+            if (dim, offset, length) == (target.dim, target.offset, target.length) and (
+                    start >= target.start + target.numel or target.start >= start + numel):
+                continue  # runs of the same shard that do not meet: the common ZeRO case, decided cheaply
+            # The overlap is found from the record; a file is opened only for a piece that overlaps
+            # (at 1,000 ranks a rank needs a few of the thousands of pieces of each parameter).
+            opened = functools.cache(lambda file=file: self._slice(file, key))
             try:
                 with torch.no_grad():
-                    copied += copy_overlap(shape, source, lambda a, b, t=tensor: t[a:b], target, out)
+                    copied += copy_overlap(shape, source, lambda a, b, t=opened: t()[a:b], target, out)
             except ValueError as exc:  # sharded on another dim than when saved
                 raise CheckpointError(f"checkpoint {self.dir}: parameter {name!r}: {exc}") from None
         if copied != target.numel:

@@ -30,7 +30,6 @@ import itertools
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mythos_scale.config import DataConfig
 from mythos_scale.data.manifest import DataError
 from mythos_scale.data.order import SampleOrder
-from mythos_scale.data.sources import Source, open_source, open_sources, verify_split
+from mythos_scale.data.sources import Source, node_layout, open_source, open_sources, verify_split
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +63,7 @@ def _streaming_world() -> Iterator[None]:
     the order of samples is ours.  So: with torch.distributed up, give it the true layout (every
     rank must then build the dataset, in the same order); without, this process is on its own.
     """
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        hosts: list[Any] = [None] * world
-        dist.all_gather_object(hosts, socket.gethostname())
-        local = [r for r in range(world) if hosts[r] == hosts[rank]]
-        values = (rank, world, local.index(rank), len(local))
-    else:
-        values = (0, 1, 0, 1)
+    values = node_layout()
     saved = {k: os.environ.get(k) for k in _WORLD_ENV}
     os.environ.update({k: str(v) for k, v in zip(_WORLD_ENV, values)})
     try:

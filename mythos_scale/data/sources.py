@@ -10,10 +10,13 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+from filelock import FileLock
 from streaming.base.hashing import get_hash
 from streaming.base.storage import CloudDownloader
 
@@ -55,14 +58,53 @@ def resolve_dataset(path: str, cache_dir: str | Path, seq_len: int, vocab_size: 
     if is_url(path):
         key = hashlib.sha1(path.encode()).hexdigest()[:16]
         root = Path(cache_dir).expanduser() / "remote" / key
-        for name in (MANIFEST_NAME, TOKENIZER_NAME):  # always fresh: the remote may be rewritten
-            (root / name).unlink(missing_ok=True)
-            try:
-                CloudDownloader.direct_download(f"{path.rstrip('/')}/{name}", str(root / name))
-            except Exception as exc:  # each object store raises its own error types
-                raise DataError(f"cannot download {path}/{name}: {exc}") from None
+        _download_once_per_node(path, root)
         return root
     return Path(path).expanduser()
+
+
+def node_layout() -> tuple[int, int, int, int]:
+    """``(rank, world size, rank on this node, ranks on this node)``, ranks grouped by host name:
+    collective when torch.distributed is up; ``(0, 1, 0, 1)`` for a process on its own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1, 0, 1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    local = [r for r in range(world) if hosts[r] == hosts[rank]]
+    return rank, world, local.index(rank), len(local)
+
+
+def _download_once_per_node(url: str, root: Path) -> None:
+    """Fetch the manifest and tokenizer of ``url`` into ``root``: fresh on every start (the remote
+    may be rewritten), once per node.  The node's first rank downloads while the others wait for
+    it (a collective); a failed download is raised on every rank.  The download itself holds a
+    file lock on ``root`` (other jobs or nodes sharing the cache wait on it) and writes temporary
+    files renamed into place, so no process ever reads a partial or a mixed pair of files."""
+    _, world, local_rank, _ = node_layout()
+    problem = _download_remote_files(url, root) if local_rank == 0 else None
+    if world > 1:
+        problems: list[str | None] = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise DataError(problem)
+
+
+def _download_remote_files(url: str, root: Path) -> str | None:
+    """Download ``url``'s manifest and tokenizer into ``root`` under its lock; what went wrong, or None."""
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".download.lock")):
+        for name in (MANIFEST_NAME, TOKENIZER_NAME):
+            part = root / f".{name}.{socket.gethostname()}.{os.getpid()}.part"
+            part.unlink(missing_ok=True)
+            try:
+                CloudDownloader.direct_download(f"{url.rstrip('/')}/{name}", str(part))
+                os.replace(part, root / name)
+            except Exception as exc:  # each object store raises its own error types
+                part.unlink(missing_ok=True)
+                return f"cannot download {url}/{name}: {exc}"
+    return None
 
 
 def open_source(name: str, weight: float, cfg: DataConfig, vocab_size: int) -> Source:

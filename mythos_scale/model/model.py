@@ -50,6 +50,8 @@ carried state is against the re-injected input) and, from the second iteration o
 ``core_change`` near 0 is the collapse the loop-scaling study measured: the core computes the same
 update at every iteration, the state just follows the linear recurrence to ``(B_bar e + c) /
 (1 - A_bar)``, and extra loops change nothing.
+``with_stats=False`` (the trainer's unlogged steps) leaves out ``state_token_cos`` and the
+per-iteration ones: fp32 passes over the full states, which cost memory bandwidth every step.
 
 Initialization: every matrix ~ N(0, init_std); the projections that write into the residual
 stream (attention output, FFN / expert down projections) use ``init_std / sqrt(2 * L_eff)``
@@ -77,6 +79,7 @@ from mythos_scale.model.attention import build_attention
 from mythos_scale.model.cache import KVCache
 from mythos_scale.model.layers import DenseFFN, LoopLinear, RMSNorm, RotaryTable
 from mythos_scale.model.moe import MoE, RoutedExperts
+from mythos_scale.model.recompute import replayed_in_recompute
 from mythos_scale.model.recurrence import ACTAccumulator, FrozenKV, HaltingUnit, LoopEmbedding, LTIInjection, kl_divergence
 
 
@@ -258,7 +261,7 @@ class MythosModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, backprop_depth: int | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None,
-                act: bool = True) -> ModelOutput:
+                act: bool = True, with_stats: bool = True) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         loops = self.default_loops if n_loops is None else n_loops
@@ -285,10 +288,10 @@ class MythosModel(nn.Module):
         if not self.training and (halting is not None or exit_threshold is not None):
             run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), loops, cache, start_pos, exit_threshold, halting)
         else:
-            run = self._loops(e, e_inj, a_bar.to(e.dtype), loops, grad_loops, cache, start_pos, halting)
+            run = self._loops(e, e_inj, a_bar.to(e.dtype), loops, grad_loops, cache, start_pos, halting, with_stats)
         stats = dict(run.stats, rho_a_bar=a_bar.detach().max(), mean_loops=run.loops_used.float().mean())
         with torch.no_grad():
-            if run.out.shape[1] > 1:
+            if with_stats and run.out.shape[1] > 1:
                 stats["state_token_cos"] = F.cosine_similarity(run.out[:, 1:].float(), run.out[:, :-1].float(),
                                                                dim=-1).mean()
         moe_aux_loss = run.moe_aux / max(1, grad_loops * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
@@ -302,8 +305,9 @@ class MythosModel(nn.Module):
         return torch.zeros_like(e)
 
     def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int, grad_loops: int,
-               cache: KVCache | None, start_pos: int, halting: HaltingUnit | None) -> _LoopRun:
+               cache: KVCache | None, start_pos: int, halting: HaltingUnit | None, with_stats: bool = True) -> _LoopRun:
         """All positions run all ``loops`` iterations (training, and inference without early exit).
+        ``with_stats``: compute the per-iteration statistics (fp32 passes over the full states).
 
         Truncated backprop: the first ``loops - grad_loops`` run without grad.  ACT halts and charges
         only in the grad-carrying window (its last iteration at least): a position halted in the
@@ -315,18 +319,15 @@ class MythosModel(nn.Module):
         act_start = min(loops - grad_loops, loops - 1)
         act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         aux_total = e.new_zeros((), dtype=torch.float32)
-        with torch.no_grad():
-            input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
-        h_norms, update_norms, state_to_input, core_change = [], [], [], []
-        prev_core = None
+        iteration_stats = _IterationStats(e_inj, a_bar, self.loop_embedding) if with_stats else None
         for t in range(loops):
             carries_grad = t >= loops - grad_loops
-            with torch.no_grad():
-                state_to_input.append((a_bar * h).float().pow(2).mean().sqrt() / input_rms)
+            if iteration_stats is not None:
+                iteration_stats.before(h)
             with torch.set_grad_enabled(outer_grad and carries_grad):
                 if self.cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                    h_next, aux, counts = checkpoint(self._iterate, h, e_inj, a_bar, t, None, start_pos,
-                                                     use_reentrant=False)
+                    h_next, aux, counts = checkpoint(replayed_in_recompute(self._iterate), h, e_inj, a_bar, t,
+                                                     None, start_pos, use_reentrant=False)
                 else:
                     kv = ([self._kv(cache, ("core", t, i)) for i in range(len(self.core))]
                           if cache is not None else None)
@@ -339,21 +340,11 @@ class MythosModel(nn.Module):
                 depth = min(t, self.cfg.max_loops - 1)
                 for block, block_counts in zip(self.core, counts):
                     block.ffn.expert_counts[depth] += block_counts
-            with torch.no_grad():
-                h_norms.append(h_next.float().norm(dim=-1).mean())
-                update_norms.append((h_next.float() - h.float()).norm(dim=-1).mean())
-                z = a_bar.float() * h.float() + e_inj.float() + self.loop_embedding(t).float()
-                core = h_next.float() - z  # Core_t(z_t): what this iteration computed
-                if prev_core is not None:
-                    core_change.append((core - prev_core).norm(dim=-1).mean()
-                                       / core.norm(dim=-1).mean().clamp_min(1e-12))
-                prev_core = core
+            if iteration_stats is not None:
+                iteration_stats.after(t, h, h_next)
             h = h_next
 
-        stats = {"h_norm": torch.stack(h_norms), "update_norm": torch.stack(update_norms),
-                 "state_to_input": torch.stack(state_to_input)}
-        if core_change:
-            stats["core_change"] = torch.stack(core_change)
+        stats = iteration_stats.result() if iteration_stats is not None else {}
         if act is None:
             return _LoopRun(h, torch.full(h.shape[:-1], loops, device=h.device), aux_total,
                             e.new_zeros((), dtype=torch.float32), stats)
@@ -416,6 +407,41 @@ class MythosModel(nn.Module):
         if act is None:
             return _LoopRun(h, loops_used, zero, zero, {})
         return _LoopRun(act.acc.to(e.dtype), loops_used, zero, self.cfg.act.ponder_cost * act.ponder(), {})
+
+
+class _IterationStats:
+    """The per-iteration statistics of a forward (``h_norm``, ``update_norm``, ``state_to_input``,
+    ``core_change``; see the module docstring): fp32 passes over the full states, so the trainer
+    asks for them on logged steps only."""
+
+    def __init__(self, e_inj: torch.Tensor, a_bar: torch.Tensor, loop_embedding: LoopEmbedding) -> None:
+        self.e_inj, self.a_bar, self.loop_embedding = e_inj, a_bar, loop_embedding
+        with torch.no_grad():
+            self.input_rms = e_inj.float().pow(2).mean().sqrt().clamp_min(1e-12)
+        self.h_norms, self.update_norms, self.state_to_input, self.core_change = [], [], [], []
+        self.prev_core: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def before(self, h: torch.Tensor) -> None:
+        self.state_to_input.append((self.a_bar * h).float().pow(2).mean().sqrt() / self.input_rms)
+
+    @torch.no_grad()
+    def after(self, t: int, h: torch.Tensor, h_next: torch.Tensor) -> None:
+        self.h_norms.append(h_next.float().norm(dim=-1).mean())
+        self.update_norms.append((h_next.float() - h.float()).norm(dim=-1).mean())
+        z = self.a_bar.float() * h.float() + self.e_inj.float() + self.loop_embedding(t).float()
+        core = h_next.float() - z  # Core_t(z_t): what this iteration computed
+        if self.prev_core is not None:
+            self.core_change.append((core - self.prev_core).norm(dim=-1).mean()
+                                    / core.norm(dim=-1).mean().clamp_min(1e-12))
+        self.prev_core = core
+
+    def result(self) -> dict[str, torch.Tensor]:
+        stats = {"h_norm": torch.stack(self.h_norms), "update_norm": torch.stack(self.update_norms),
+                 "state_to_input": torch.stack(self.state_to_input)}
+        if self.core_change:
+            stats["core_change"] = torch.stack(self.core_change)
+        return stats
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> MythosModel:

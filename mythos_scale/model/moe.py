@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mythos_scale.config import ModelConfig
 from mythos_scale.kernels import KernelDispatch, select_kernels
 from mythos_scale.model.layers import DenseFFN, LoopLinear
+from mythos_scale.model.recompute import host_values
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -71,9 +72,10 @@ class RoutedExperts(nn.Module):
     def per_expert_loop(self, x_sorted: torch.Tensor, group_end: torch.Tensor) -> torch.Tensor:
         """The same experts as a loop of ``F.linear``, for operands grouped_mm lacks (fp32 or
         fp64 on CUDA, fp64 on CPU).  Splitting the rows needs the group sizes on the host (one
-        sync per call) and gives data-dependent shapes.  ``unbind`` gives each expert its weight
-        views with one stacked gradient, not a zero-filled full-size gradient per expert."""
-        sizes = torch.diff(group_end, prepend=group_end.new_zeros(1)).tolist()
+        sync per call; an activation-checkpoint recompute replays the forward's) and gives
+        data-dependent shapes.  ``unbind`` gives each expert its weight views with one stacked
+        gradient, not a zero-filled full-size gradient per expert."""
+        sizes = host_values("expert_rows", torch.diff(group_end, prepend=group_end.new_zeros(1)).tolist)
         weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0))
         return torch.cat([F.linear(self.kernels.swiglu(F.linear(rows, gate), F.linear(rows, up)), down)
                           for rows, (gate, up, down) in zip(x_sorted.split(sizes), weights)])

@@ -86,8 +86,7 @@ class LoopEmbedding(nn.Module):
     def forward(self, loop: int) -> torch.Tensor:
         if self.kind == "sinusoidal":
             return sinusoidal(loop, self.dim, self.gain.device) * self.gain.float()
-        row = torch.tensor([min(loop, self.table.shape[0] - 1)], device=self.table.device)
-        return F.embedding(row, self.table)[0]
+        return self.table[min(loop, self.table.shape[0] - 1)]  # a view: no index tensor built on the host
 
 
 class HaltingUnit(nn.Module):

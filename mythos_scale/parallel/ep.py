@@ -8,7 +8,10 @@ and its forward (:class:`ExpertParallelExperts`) sends each row to the rank that
 1. counts: an all-to-all of the (E,) per-expert row counts (equal splits, on the device) tells
    each rank how many rows every source sends to each of its local experts;
 2. one device->host sync reads the per-rank split sizes (``all_to_all_single`` takes them as
-   Python ints: this is the one sync per MoE call under EP, on gloo and NCCL alike);
+   Python ints: this is the one sync per MoE call under EP, on gloo and NCCL alike).  An
+   activation-checkpoint recompute does neither step 1 nor this read: it replays the forward's
+   counts and splits (:mod:`mythos_scale.model.recompute`; the recompute is bitwise the forward,
+   and a device-side assert, which does not sync, checks its counts are the forward's);
 3. tokens: one all-to-all with those uneven splits (torch's functional collectives, with
    autograd); rows arrive grouped by source, then by local expert;
 4. the received rows are put in local-expert order by a permutation computed on the device from
@@ -34,6 +37,7 @@ import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
 from mythos_scale.model.moe import RoutedExperts
+from mythos_scale.model.recompute import host_values
 from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.shard import shard_parameter
 
@@ -63,8 +67,15 @@ class ExpertParallelExperts(RoutedExperts):
         Returns (M, D): the experts' outputs for these rows, in the same order."""
         ep, local = dist.get_world_size(self.ep_group), self.w_gate.shape[0]
         counts = torch.diff(group_end, prepend=group_end.new_zeros(1)).long()
-        received = all_to_all_single(counts, None, None, self.ep_group).view(ep, local)  # [s, e]: from s to e
-        splits = torch.cat((counts.view(ep, local).sum(1), received.sum(1))).tolist()  # the one host sync
+
+        def exchange_counts() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+            received = all_to_all_single(counts, None, None, self.ep_group).view(ep, local)  # [s, e]: from s to e
+            splits = torch.cat((counts.view(ep, local).sum(1), received.sum(1))).tolist()  # the one host sync
+            return counts, received, splits
+
+        sent, received, splits = host_values("ep_splits", exchange_counts)  # a recompute replays the forward's
+        if sent is not counts:  # a recompute: the forward's counts must be its own (checked without a sync)
+            torch._assert_async((sent == counts).all(), "EP recompute routed differently from its forward")
         send, receive = splits[:ep], splits[ep:]
         total = sum(receive)
         x_in = all_to_all_single_autograd(x_sorted.contiguous(), receive, send, self.ep_group)

@@ -140,7 +140,9 @@ class Trainer:
             loss = loss + z
         return loss, parts
 
-    def train_step(self, batches) -> dict[str, float]:
+    def train_step(self, batches, logged: bool = True) -> dict[str, float]:
+        """One optimizer step.  ``logged``: a logging step, whose phases are timed and whose model
+        statistics (``model/*``, full-activation passes) are computed; other steps skip both."""
         step_start = time.perf_counter()
         t = self.cfg.train
         n_loops = sample_loops(t.loops, t.seed, self.step)
@@ -149,16 +151,17 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-        timed = (self.step + 1) % t.log_every == 0
+        timed = logged
         times = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
         sums: dict[str, torch.Tensor] = {}
         stats = None
-        for _ in range(self.grad_accum):
+        for micro in range(self.grad_accum):
             t0 = time.perf_counter()
             inputs, labels = next(batches)
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             t1 = time.perf_counter()
-            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k)
+            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k,
+                              with_stats=logged and micro == self.grad_accum - 1)  # the last one's are logged
             loss, parts = self._loss(out, labels)
             self._sync(timed)
             t2 = time.perf_counter()
@@ -202,22 +205,24 @@ class Trainer:
         })
         if timed or self.layout.device.type != "cuda":
             metrics.update({f"time/{phase}_s": seconds for phase, seconds in times.items()})
-        metrics.update(self._model_stats(stats, load))
+        metrics.update(self._model_stats(stats, load) if logged else load)
         metrics["time/step_s"] = time.perf_counter() - step_start
         return metrics
 
     @staticmethod
     def _model_stats(stats: dict[str, torch.Tensor], load: dict[str, float]) -> dict[str, float]:
         """TensorBoard tags for the model's own signals: one per loop iteration for per-iteration
-        ones (``model/h_norm/iter_03``); the expert-load dict already holds its tags."""
+        ones (``model/h_norm/iter_03``); the expert-load dict already holds its tags.  All values
+        are read in one host sync."""
         out = dict(load)
-        for name, value in stats.items():
-            value = value.detach().float()
+        flat = [value.detach().float().reshape(-1) for value in stats.values()]
+        values = iter(torch.cat(flat).tolist() if flat else [])
+        for (name, value), size in zip(stats.items(), (f.numel() for f in flat)):
             if value.ndim == 0:
-                out[f"model/{name}"] = value.item()
+                out[f"model/{name}"] = next(values)
             else:
-                for i, v in enumerate(value.tolist()):
-                    out[f"model/{name}/iter_{i:02d}"] = v
+                for i in range(size):
+                    out[f"model/{name}/iter_{i:02d}"] = next(values)
         return out
 
     def _step_flops(self, n_loops: int, k: int) -> float:
@@ -281,11 +286,11 @@ class Trainer:
         interval = ThroughputInterval()
         try:
             while self.step < last_step:
-                metrics = self.train_step(batches)
+                logged = (self.step + 1) % t.log_every == 0 or self.step + 1 == last_step
+                metrics = self.train_step(batches, logged)
                 interval.add_step(self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"])))
                 if self.val_loader is not None and self.step % t.eval_every == 0:
                     metrics.update(self.evaluate())
-                logged = self.step % t.log_every == 0 or self.step == last_step
                 if logged:
                     metrics.update(self._throughput(*interval.take()))
                 self.metrics.row(self.step, t.max_steps, metrics, console=logged)
