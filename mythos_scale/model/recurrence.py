@@ -26,8 +26,12 @@ class LTIInjection(nn.Module):
 
     A_log, dt_bias and B stay float32 when the module is cast (``model.bfloat16()``): they set the
     recurrence's decay, where bf16's 3 significant digits would be felt over many loops.
-    Everything here is computed in float32.
+    Everything here is computed in float32.  Under a bf16 DeepSpeed engine the parameters are
+    stored in bf16 (DeepSpeed casts them itself); A_log and dt_bias are then computed from their
+    fp32 master values, ``fp32_values``, set after each step (mythos_scale/parallel/precision.py).
     """
+
+    FP32_VALUES = ("a_log", "dt_bias")  # computed from fp32 masters under a bf16 engine
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -37,20 +41,30 @@ class LTIInjection(nn.Module):
         self.a_log = nn.Parameter(torch.full((cfg.dim,), inj.a_log_init, **fp32))
         self.dt_bias = nn.Parameter(torch.full((cfg.dim,), self.dt_bias_for(inj.dt_init), **fp32))
         self.b = nn.Parameter(torch.eye(cfg.dim, **fp32))
+        self.fp32_values: dict[str, torch.Tensor] = {}  # name -> fp32 master value (bf16 engines only)
 
     @staticmethod
     def dt_bias_for(dt: float) -> float:
         """The dt_bias giving ``softplus(dt_bias) = dt`` (inverse softplus)."""
         return dt + math.log(-math.expm1(-dt))
 
+    def _fp32(self, name: str) -> torch.Tensor:
+        """The parameter's value in fp32: its fp32 master where one is set (the same value exactly,
+        the gradient going to the stored parameter), else the parameter itself cast up."""
+        param = getattr(self, name)
+        master = self.fp32_values.get(name)
+        if master is None:
+            return param.float()
+        return master.to(param.device) + (param - param.detach()).float()
+
     def a_bar(self) -> torch.Tensor:
-        dt = F.softplus(self.dt_bias.float())
-        decay = torch.exp(-dt * torch.exp(self.a_log.float()))
+        dt = F.softplus(self._fp32("dt_bias"))
+        decay = torch.exp(-dt * torch.exp(self._fp32("a_log")))
         return self.a_bar_min + (self.a_bar_max - self.a_bar_min) * decay
 
     def inject(self, e: torch.Tensor) -> torch.Tensor:
         """``B_bar e`` in fp32, shape of ``e``; computed once per forward, reused by every iteration."""
-        dt = F.softplus(self.dt_bias.float())
+        dt = F.softplus(self._fp32("dt_bias"))
         return F.linear(e.float(), self.b.float()) * dt
 
     def _apply(self, fn, recurse=True):

@@ -41,6 +41,13 @@ from deepspeed.utils import groups as deepspeed_groups
 from mythos_scale.config import Config, ConfigError
 from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.ep import ExpertParallelExperts
+from mythos_scale.parallel.precision import (
+                                             check_deepspeed_config,
+                                             check_engine_precision,
+                                             deepspeed_precision,
+                                             refresh_fp32_values,
+                                             uses_bf16,
+)
 
 
 def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:
@@ -50,19 +57,20 @@ def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict[str, Any]:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {layout.dp})")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and layout.device.type == "cuda")
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // per_step,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        **deepspeed_precision(uses_bf16(cfg, layout.device), t.zero_stage),
     }
-    return _deep_merge(ds, cfg.deepspeed)
+    ds = _deep_merge(ds, cfg.deepspeed)
+    check_deepspeed_config(ds, t.zero_stage)
+    return ds
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -134,5 +142,8 @@ def apply_zero(model: nn.Module, cfg: Config, layout: ParallelLayout,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout))
     engine.has_moe_layers = False  # its MoE checkpoint code cannot save our experts: see the module docstring
+    bf16 = uses_bf16(cfg, layout.device)
+    check_engine_precision(engine, bf16)
+    refresh_fp32_values(engine, bf16)
     return engine
 

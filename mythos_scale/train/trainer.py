@@ -34,6 +34,7 @@ from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_P
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
 from mythos_scale.parallel.parallelize import parallelize
+from mythos_scale.parallel.precision import refresh_fp32_values, uses_bf16
 from mythos_scale.plan import plan_model
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
@@ -71,6 +72,7 @@ class Trainer:
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
         self.engine = parallelize(model, cfg, layout, lambda m: build_optimizer(m, t))  # TP, EP, ZeRO
         self.model = self.engine.module
+        self.bf16 = uses_bf16(cfg, layout.device)
         self.grad_accum = self.engine.gradient_accumulation_steps()
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self._flops_per_token: dict[tuple[int, int], float] = {}  # by (T, k), from the planner
@@ -92,6 +94,7 @@ class Trainer:
     def _resume(self, tag_dir: Path) -> None:
         start = time.perf_counter()
         point = self.checkpointer.load(self.engine, tag_dir)
+        refresh_fp32_values(self.engine, self.bf16)
         self.step = point.step
         self.tokens_seen = point.trainer["tokens_seen"]
         self.skipped_steps = point.trainer["nonfinite_skipped"]
@@ -180,6 +183,7 @@ class Trainer:
             stats = out.stats
 
         applied = self.engine.was_step_applied()
+        refresh_fp32_values(self.engine, self.bf16)  # the injection's decay from its new fp32 masters
         # Expert counts are summed over the data-parallel group (TP ranks route the same tokens);
         # a skipped (non-finite) step leaves the balance biases alone and its counts are dropped.
         load = update_balance_bias(self.model, self.cfg.model.moe.balance_update_rate if applied else 0.0,
