@@ -302,7 +302,7 @@ def _plan_for(cfg, point: Point, world: int, fused_kernels: bool):
 
     tp, ep = cfg.parallel.tp, cfg.parallel.ep
     layout = Layout(dp=world // tp, tp=tp, ep=ep, zero_stage=point.zero_stage, micro_batch=point.micro_batch,
-                    grad_accum=point.grad_accum, seq_len=cfg.data.seq_len, loops=point.loops,
+                    grad_accum=point.grad_accum, seq_len=cfg.data.seq_len, n_loops=point.loops,
                     backprop_depth=point.depth, checkpointing=point.checkpointing)
     return layout, Runtime.from_config(cfg, device="cpu", fused_kernels=fused_kernels)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mythos_scale.config import LoopSchedule
-from mythos_scale.train.loops import backprop_depth, sample_loops
+from mythos_scale.train.loops import sample_loops, step_backprop_depth
 
 
 def _draws(schedule: LoopSchedule, n: int = 4000, seed: int = 0) -> np.ndarray:
@@ -33,4 +33,4 @@ def test_mean_min_max_and_tail():
 
 def test_backprop_depth_is_capped_by_the_loops():
     schedule = LoopSchedule(backprop_depth=3)
-    assert [backprop_depth(schedule, t) for t in (1, 3, 9)] == [1, 3, 3]
+    assert [step_backprop_depth(schedule, t) for t in (1, 3, 9)] == [1, 3, 3]

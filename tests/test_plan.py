@@ -39,7 +39,7 @@ def test_param_counts_equal_the_model(variant):
     cfg = small_cfg(**variant)
     with torch.device("meta"):
         model = MythosModel(cfg)
-    plan = plan_model(cfg, loops=3, backprop_depth=2, seq_len=16)
+    plan = plan_model(cfg, n_loops=3, backprop_depth=2, seq_len=16)
     assert plan["params_total"] == sum(p.numel() for p in model.parameters())
     routed = sum(b.ffn.experts.w_gate.numel() * 3 for b in model.core) if cfg.moe.enabled else 0
     assert plan["params_routed_experts"] == routed
@@ -124,13 +124,13 @@ def test_tp_ep_parts_sum_to_the_counts(variant):
     """Split + replicated + routed parameters and per-token FLOPs equal plan_model's totals, and
     TP divides exactly the split part."""
     cfg = small_cfg(**variant)
-    plan = plan_model(cfg, loops=3, backprop_depth=2, seq_len=16)
+    plan = plan_model(cfg, n_loops=3, backprop_depth=2, seq_len=16)
     parts = model_parts(cfg, seq_len=16)
     assert parts.params.total == plan["params_total"]
     assert parts.params.routed == plan["params_routed_experts"]
-    step = parts.step_flops_per_token(cfg, loops=3, backprop_depth=2, recompute=False)
+    step = parts.step_flops_per_token(cfg, n_loops=3, backprop_depth=2, recompute=False)
     assert step.total == step.per_gpu(1) == plan["flops_per_token"]
-    recompute = parts.step_flops_per_token(cfg, loops=3, backprop_depth=2, recompute=True)
+    recompute = parts.step_flops_per_token(cfg, n_loops=3, backprop_depth=2, recompute=True)
     assert recompute.total - step.total == 2 * parts.core_iteration_flops.total
     assert step.per_gpu(2) == step.total - step.split / 2 and step.split > 0
 
@@ -182,7 +182,7 @@ def test_cli_json_and_table(capsys):
     for key in ("params_total", "params_active", "flops_per_token", "kv_cache_bytes_per_token",
                 "kv_cache_bytes_per_token_mha"):
         assert key in out["model"]
-    assert (out["model"]["loops"], out["model"]["backprop_depth"]) == (6, 2)
+    assert (out["model"]["n_loops"], out["model"]["backprop_depth"]) == (6, 2)
     plan = out["plan"]
     assert plan["layout"]["dp"] == 8 and plan["layout"]["micro_batch"] == 2 and plan["fits"]
     assert plan["memory"]["peak"] > plan["memory"]["static_total"]

@@ -19,7 +19,7 @@ from mythos_scale.plan.search import search
 REPO = Path(__file__).resolve().parents[1]
 CFG = load_config(REPO / "configs" / "mythos_770m.yaml")
 RT = Runtime.from_config(CFG, device="cuda")
-BASE = Layout(dp=32, tp=1, ep=1, zero_stage=1, micro_batch=4, grad_accum=2, seq_len=4096, loops=8,
+BASE = Layout(dp=32, tp=1, ep=1, zero_stage=1, micro_batch=4, grad_accum=2, seq_len=4096, n_loops=8,
               backprop_depth=4, checkpointing=True)
 
 
@@ -38,7 +38,7 @@ def test_runtime_follows_the_config_and_the_device():
 def test_activation_memory_grows_with_k_not_t():
     """Truncated backprop with per-iteration checkpointing: flat in T, growing with k; without
     checkpointing each grad iteration keeps all it saved."""
-    assert peak(replace(BASE, loops=16)) == peak(BASE) == peak(replace(BASE, loops=4))
+    assert peak(replace(BASE, n_loops=16)) == peak(BASE) == peak(replace(BASE, n_loops=4))
     assert peak(replace(BASE, backprop_depth=8)) > peak(BASE) > peak(replace(BASE, backprop_depth=2))
     no_ckpt = replace(BASE, checkpointing=False)
     assert peak(no_ckpt) > 2 * peak(BASE)
@@ -127,7 +127,7 @@ def test_tensor_and_expert_parallel_traffic():
 
 def test_layout_problems_name_the_reason():
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["model.n_heads=6", "model.moe.n_routed_experts=6"])
-    bad = Layout(dp=2, tp=4, ep=4, zero_stage=3, micro_batch=1, grad_accum=1, seq_len=512, loops=2,
+    bad = Layout(dp=2, tp=4, ep=4, zero_stage=3, micro_batch=1, grad_accum=1, seq_len=512, n_loops=2,
                  backprop_depth=3, checkpointing=True)
     problems = "\n".join(layout_problems(cfg, bad, gpus_per_node=2))
     for reason in ("TP 4 spans nodes", "heads 6 not divisible by TP 4", "EP 4 > DP 2",
@@ -155,7 +155,7 @@ def test_step_time_and_throughput():
 
 def test_search_ranks_what_fits_and_says_why_the_rest_fail():
     cluster = make_cluster("a100-40gb", nodes=2, gpus_per_node=8)
-    fits, rejected = search(CFG, cluster, RT, seq_len=4096, loops=8, backprop_depth=4, global_batch=64,
+    fits, rejected = search(CFG, cluster, RT, seq_len=4096, n_loops=8, backprop_depth=4, global_batch=64,
                             overlap=False, token_budget=1e9)
     speeds = [p.tokens_per_second for p in fits]
     assert fits and speeds == sorted(speeds, reverse=True)

@@ -71,13 +71,13 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
     return row
 
 
-def evaluate_loops(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loops: list[int],
+def evaluate_loops(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loop_counts: list[int],
                    modes: list[EvalMode], byte_lengths: torch.Tensor | None = None,
                    desc: str = "eval") -> list[dict[str, float]]:
     """:func:`evaluate` at every loop count in every mode, with one progress bar."""
     rows = []
-    with tqdm(total=len(loops) * len(modes) * len(batches), desc=desc, unit="batch") as progress:
-        for n_loops in loops:
+    with tqdm(total=len(loop_counts) * len(modes) * len(batches), desc=desc, unit="batch") as progress:
+        for n_loops in loop_counts:
             for mode in modes:
                 rows.append(evaluate(model, batches, n_loops, mode, byte_lengths, progress))
     return rows

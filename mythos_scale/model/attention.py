@@ -55,7 +55,7 @@ class MLA(nn.Module):
     under tensor parallelism this module holds ``n_heads / tp`` of them.
     """
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch, n_loops: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch, max_loops: int = 0) -> None:
         super().__init__()
         self.kernels = kernels
         a = cfg.attention
@@ -67,7 +67,7 @@ class MLA(nn.Module):
         lora = cfg.lora_rank
 
         def proj(i: int, o: int, target: str | None) -> LoopLinear:
-            return LoopLinear(i, o, n_loops if target in targets else 0, lora)
+            return LoopLinear(i, o, max_loops if target in targets else 0, lora)
 
         q_out = n_heads * (self.nope_dim + self.rope_dim)
         if a.q_lora_rank > 0:
@@ -127,7 +127,7 @@ class MLA(nn.Module):
 class GQA(nn.Module):
     """Grouped-query attention, RoPE over the whole head; the cache holds rotated keys and values."""
 
-    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch, n_loops: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, kernels: KernelDispatch, max_loops: int = 0) -> None:
         super().__init__()
         self.kernels = kernels
         n_heads, n_kv_heads = cfg.n_heads, cfg.attention.n_kv_heads
@@ -135,7 +135,7 @@ class GQA(nn.Module):
         targets, lora = cfg.lora_targets, cfg.lora_rank
 
         def proj(i: int, o: int, target: str) -> LoopLinear:
-            return LoopLinear(i, o, n_loops if target in targets else 0, lora)
+            return LoopLinear(i, o, max_loops if target in targets else 0, lora)
 
         self.wq = proj(cfg.dim, n_heads * self.head_dim, "q")
         self.wkv = proj(cfg.dim, 2 * n_kv_heads * self.head_dim, "kv")
@@ -158,6 +158,6 @@ class GQA(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1), loop)
 
 
-def build_attention(cfg: ModelConfig, kernels: KernelDispatch, n_loops: int = 0) -> nn.Module:
-    """MLA or GQA per ``cfg.attention.type``; ``n_loops > 0`` adds depth-wise LoRA adapters."""
-    return MLA(cfg, kernels, n_loops) if cfg.attention.type == "mla" else GQA(cfg, kernels, n_loops)
+def build_attention(cfg: ModelConfig, kernels: KernelDispatch, max_loops: int = 0) -> nn.Module:
+    """MLA or GQA per ``cfg.attention.type``; ``max_loops > 0`` adds depth-wise LoRA adapters."""
+    return MLA(cfg, kernels, max_loops) if cfg.attention.type == "mla" else GQA(cfg, kernels, max_loops)

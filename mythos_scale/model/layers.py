@@ -24,21 +24,21 @@ class RMSNorm(nn.Module):
 class LoopLinear(nn.Module):
     """A bias-free linear layer with optional depth-wise LoRA (Relaxed Recursive Transformers).
 
-    With ``n_loops > 0`` and ``rank > 0`` it holds one rank-r adapter per loop iteration:
+    With ``max_loops > 0`` and ``rank > 0`` it holds one rank-r adapter per loop iteration:
     ``W_t = W + B_t A_t``.  ``B_t`` starts at zero so training starts as pure weight tying.
     ``loop`` beyond the last adapter uses the last one (clamped); ``loop=None`` (prelude,
     coda) uses ``W`` alone.
     """
 
-    def __init__(self, in_features: int, out_features: int, n_loops: int = 0, rank: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, max_loops: int = 0, rank: int = 0) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.lora_a: nn.Parameter | None = None
         self.lora_b: nn.Parameter | None = None
-        if n_loops > 0 and rank > 0:
-            self.lora_a = nn.Parameter(torch.empty(n_loops, rank, in_features))
-            self.lora_b = nn.Parameter(torch.zeros(n_loops, out_features, rank))
+        if max_loops > 0 and rank > 0:
+            self.lora_a = nn.Parameter(torch.empty(max_loops, rank, in_features))
+            self.lora_b = nn.Parameter(torch.zeros(max_loops, out_features, rank))
 
     def adapter(self, loop: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A_t, B_t)`` for iteration ``loop``, or None (no adapters, or outside the core)."""

@@ -264,12 +264,12 @@ class MythosModel(nn.Module):
                 act: bool = True, with_stats: bool = True) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        loops = self.default_loops if n_loops is None else n_loops
-        if loops < 1:
-            raise ValueError(f"n_loops must be >= 1, got {loops}")
-        grad_loops = loops if backprop_depth is None else backprop_depth
-        if not 0 <= grad_loops <= loops:
-            raise ValueError(f"backprop_depth must be in [0, n_loops={loops}], got {backprop_depth}")
+        n_loops = self.default_loops if n_loops is None else n_loops
+        if n_loops < 1:
+            raise ValueError(f"n_loops must be >= 1, got {n_loops}")
+        backprop_depth = n_loops if backprop_depth is None else backprop_depth
+        if not 0 <= backprop_depth <= n_loops:
+            raise ValueError(f"backprop_depth must be in [0, n_loops={n_loops}], got {backprop_depth}")
         if exit_threshold is not None:
             if self.training:
                 raise ValueError("exit_threshold (the KL early exit) is for inference: call model.eval() first")
@@ -279,22 +279,22 @@ class MythosModel(nn.Module):
             if exit_threshold < 0:
                 raise ValueError(f"exit_threshold must be >= 0 (0 = run all loops), got {exit_threshold}")
         if cache is not None:
-            cache.bind_loops(loops)
+            cache.bind_loops(n_loops)
 
         e = self.prelude_norm(self._dense_stack(self.embed(input_ids), self.prelude, "prelude", cache, start_pos))
         e_inj = self.injection.inject(e).to(e.dtype)
         a_bar = self.injection.a_bar()
         halting = self.halting if act else None
         if not self.training and (halting is not None or exit_threshold is not None):
-            run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), loops, cache, start_pos, exit_threshold, halting)
+            run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), n_loops, cache, start_pos, exit_threshold, halting)
         else:
-            run = self._loops(e, e_inj, a_bar.to(e.dtype), loops, grad_loops, cache, start_pos, halting, with_stats)
+            run = self._loops(e, e_inj, a_bar.to(e.dtype), n_loops, backprop_depth, cache, start_pos, halting, with_stats)
         stats = dict(run.stats, rho_a_bar=a_bar.detach().max(), mean_loops=run.loops_used.float().mean())
         with torch.no_grad():
             if with_stats and run.out.shape[1] > 1:
                 stats["state_token_cos"] = F.cosine_similarity(run.out[:, 1:].float(), run.out[:, :-1].float(),
                                                                dim=-1).mean()
-        moe_aux_loss = run.moe_aux / max(1, grad_loops * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
+        moe_aux_loss = run.moe_aux / max(1, backprop_depth * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
         return ModelOutput(logits=self._coda_logits(run.out, cache, start_pos), moe_aux_loss=moe_aux_loss,
                            ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats)
 
@@ -304,24 +304,24 @@ class MythosModel(nn.Module):
             return torch.randn_like(e) * std
         return torch.zeros_like(e)
 
-    def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int, grad_loops: int,
+    def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, n_loops: int, backprop_depth: int,
                cache: KVCache | None, start_pos: int, halting: HaltingUnit | None, with_stats: bool = True) -> _LoopRun:
-        """All positions run all ``loops`` iterations (training, and inference without early exit).
+        """All positions run all ``n_loops`` iterations (training, and inference without early exit).
         ``with_stats``: compute the per-iteration statistics (fp32 passes over the full states).
 
-        Truncated backprop: the first ``loops - grad_loops`` run without grad.  ACT halts and charges
+        Truncated backprop: the first ``n_loops - backprop_depth`` run without grad.  ACT halts and charges
         only in the grad-carrying window (its last iteration at least): a position halted in the
         no-grad part would hand the loss a constant and cut every gradient, halting included.
         """
         outer_grad = torch.is_grad_enabled()
         absorb = cache.absorb if cache is not None else True
         h = self._initial_state(e)
-        act_start = min(loops - grad_loops, loops - 1)
+        act_start = min(n_loops - backprop_depth, n_loops - 1)
         act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         aux_total = e.new_zeros((), dtype=torch.float32)
         iteration_stats = _IterationStats(e_inj, a_bar, self.loop_embedding) if with_stats else None
-        for t in range(loops):
-            carries_grad = t >= loops - grad_loops
+        for t in range(n_loops):
+            carries_grad = t >= n_loops - backprop_depth
             if iteration_stats is not None:
                 iteration_stats.before(h)
             with torch.set_grad_enabled(outer_grad and carries_grad):
@@ -335,7 +335,7 @@ class MythosModel(nn.Module):
                 if carries_grad:
                     aux_total = aux_total + aux
                 if act is not None and t >= act_start:
-                    act.step(halting(h_next), h_next, is_last=t == loops - 1)
+                    act.step(halting(h_next), h_next, is_last=t == n_loops - 1)
             if self.training and counts.numel():
                 depth = min(t, self.cfg.max_loops - 1)
                 for block, block_counts in zip(self.core, counts):
@@ -346,13 +346,13 @@ class MythosModel(nn.Module):
 
         stats = iteration_stats.result() if iteration_stats is not None else {}
         if act is None:
-            return _LoopRun(h, torch.full(h.shape[:-1], loops, device=h.device), aux_total,
+            return _LoopRun(h, torch.full(h.shape[:-1], n_loops, device=h.device), aux_total,
                             e.new_zeros((), dtype=torch.float32), stats)
         return _LoopRun(act.acc.to(e.dtype), (act_start + act.steps).long(), aux_total,
                         self.cfg.act.ponder_cost * act.ponder(), stats)
 
     @torch.no_grad()
-    def _adaptive_loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loops: int,
+    def _adaptive_loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, n_loops: int,
                         cache: KVCache | None, start_pos: int, exit_threshold: float | None,
                         halting: HaltingUnit | None) -> _LoopRun:
         """Inference with per-token early exit: ACT halting, or the KL exit (Huginn) when
@@ -369,7 +369,7 @@ class MythosModel(nn.Module):
         act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         kv_last: list[list[torch.Tensor] | None] = [None] * len(self.core)
         prev_logp = None
-        for t in range(loops):
+        for t in range(n_loops):
             row_running = running.any(dim=1)
             rows = row_running.nonzero().squeeze(1)  # a host sync: the point is to skip work
             if cache is not None and rows.numel() < bsz:  # finished rows keep their last entries
@@ -394,9 +394,9 @@ class MythosModel(nn.Module):
             h[rows] = torch.where(live.unsqueeze(-1), h_new, pick(h))
             loops_used[rows] += live.long()
             if act is not None:
-                halts = act.step(halting(h_new), h_new, is_last=t == loops - 1, rows=rows)
+                halts = act.step(halting(h_new), h_new, is_last=t == n_loops - 1, rows=rows)
                 running[rows] = live & ~halts
-            elif t < loops - 1:  # the KL exit: compare this iteration's prediction with the last one's
+            elif t < n_loops - 1:  # the KL exit: compare this iteration's prediction with the last one's
                 logp = F.log_softmax(self._coda_logits(h[rows], cache, start_pos, subset).float(), dim=-1)
                 if prev_logp is None:
                     prev_logp = logp

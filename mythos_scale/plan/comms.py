@@ -106,7 +106,7 @@ def tensor_parallel(cfg: ModelConfig, layout: Layout, rt: Runtime) -> list[Colle
     dense_passes = cfg.prelude_layers + cfg.coda_layers
     core = cfg.core_layers
     recompute = layout.backprop_depth if layout.checkpointing else 0
-    forward = dense_passes + core * (layout.loops + recompute)
+    forward = dense_passes + core * (layout.n_loops + recompute)
     backward = dense_passes + core * layout.backprop_depth
     activation = n_tokens * cfg.dim * rt.compute_bytes
     partial = ((cfg.prelude_layers + cfg.coda_layers) * _attention(cfg, core=False)[0].replicated
@@ -124,7 +124,7 @@ def expert_parallel(cfg: ModelConfig, layout: Layout, rt: Runtime) -> list[Colle
     if layout.ep == 1 or not m.enabled:
         return []
     recompute = layout.backprop_depth if layout.checkpointing else 0
-    forward_calls = cfg.core_layers * (layout.loops + recompute) * layout.grad_accum
+    forward_calls = cfg.core_layers * (layout.n_loops + recompute) * layout.grad_accum
     backward_calls = cfg.core_layers * layout.backprop_depth * layout.grad_accum
     rows = layout.tokens_per_micro_batch * m.top_k * cfg.dim * rt.compute_bytes
     return [

@@ -90,12 +90,12 @@ def _block(cfg: ModelConfig, core: bool) -> dict[str, int]:
     return {"params": params, "routed": routed, "active_matmul": active}
 
 
-def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) -> dict[str, Any]:
+def plan_model(cfg: ModelConfig, n_loops: int, backprop_depth: int, seq_len: int) -> dict[str, Any]:
     """Parameter counts, FLOPs per token (fwd+bwd, see module doc) and KV-cache size per token."""
-    if loops < 1:
-        raise ValueError(f"loops must be >= 1, got {loops}")
-    if not 0 <= backprop_depth <= loops:
-        raise ValueError(f"backprop_depth must be in [0, loops={loops}], got {backprop_depth}")
+    if n_loops < 1:
+        raise ValueError(f"n_loops must be >= 1, got {n_loops}")
+    if not 0 <= backprop_depth <= n_loops:
+        raise ValueError(f"backprop_depth must be in [0, n_loops={n_loops}], got {backprop_depth}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     d, v = cfg.dim, cfg.vocab_size
@@ -121,12 +121,12 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
     fwd_core_iteration = cfg.core_layers * (2 * core["active_matmul"] + attn)
     fwd_halting = 2 * d if cfg.act.enabled else 0  # ACT runs in the grad-carrying iterations (at least one)
     fwd_outside_core = n_dense * fwd_dense_layer + 2 * d * d + 2 * d * v  # + injection B, LM head
-    forward = fwd_outside_core + loops * fwd_core_iteration + max(backprop_depth, 1) * fwd_halting
+    forward = fwd_outside_core + n_loops * fwd_core_iteration + max(backprop_depth, 1) * fwd_halting
     backward = 2 * (fwd_outside_core + backprop_depth * (fwd_core_iteration + fwd_halting))
     recompute = backprop_depth * fwd_core_iteration if cfg.activation_checkpointing else 0
 
     a = cfg.attention
-    cached_layers = n_dense + cfg.core_layers * loops
+    cached_layers = n_dense + cfg.core_layers * n_loops
     if a.type == "mla":
         kv_per_layer = a.kv_lora_rank + a.qk_rope_head_dim
         mha_per_layer = cfg.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
@@ -135,7 +135,7 @@ def plan_model(cfg: ModelConfig, loops: int, backprop_depth: int, seq_len: int) 
         mha_per_layer = 2 * cfg.n_heads * (d // cfg.n_heads)
     kv_elements, mha_elements = cached_layers * kv_per_layer, cached_layers * mha_per_layer
     return {
-        "loops": loops,
+        "n_loops": n_loops,
         "backprop_depth": backprop_depth,
         "seq_len": seq_len,
         "params_total": total,

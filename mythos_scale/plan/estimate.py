@@ -132,9 +132,9 @@ def make_plan(cfg: Config, cluster: Cluster, layout: Layout, rt: Runtime, overla
         raise ValueError(f"layout uses {layout.world} GPUs (dp {layout.dp} x tp {layout.tp}), "
                          f"the cluster has {cluster.world}")
     m = cfg.model
-    counts = plan_model(m, layout.loops, layout.backprop_depth, layout.seq_len)
+    counts = plan_model(m, layout.n_loops, layout.backprop_depth, layout.seq_len)
     parts = model_parts(m, layout.seq_len)
-    step_parts = parts.step_flops_per_token(m, layout.loops, layout.backprop_depth, layout.checkpointing)
+    step_parts = parts.step_flops_per_token(m, layout.n_loops, layout.backprop_depth, layout.checkpointing)
     tokens_per_replica = layout.tokens_per_micro_batch * layout.grad_accum
     hardware = step_parts.per_gpu(layout.tp) * tokens_per_replica
     backward = parts.backward_flops_per_token(m, layout.backprop_depth)

@@ -26,7 +26,7 @@ class Layout:
     micro_batch: int
     grad_accum: int
     seq_len: int
-    loops: int
+    n_loops: int
     backprop_depth: int
     checkpointing: bool
 
@@ -58,7 +58,7 @@ class Layout:
     def as_dict(self) -> dict[str, Any]:
         return {"dp": self.dp, "tp": self.tp, "ep": self.ep, "edp": self.edp, "zero_stage": self.zero_stage,
                 "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "global_batch": self.global_batch,
-                "seq_len": self.seq_len, "loops": self.loops, "backprop_depth": self.backprop_depth,
+                "seq_len": self.seq_len, "n_loops": self.n_loops, "backprop_depth": self.backprop_depth,
                 "checkpointing": self.checkpointing}
 
 
@@ -121,8 +121,8 @@ def layout_problems(cfg: Config, layout: Layout, gpus_per_node: int | None = Non
         problems.append(f"ZeRO stage {layout.zero_stage} (stages 1 and 2 are supported)")
     if layout.seq_len > m.max_seq_len:
         problems.append(f"seq len {layout.seq_len} > model.max_seq_len {m.max_seq_len}")
-    if not 0 <= layout.backprop_depth <= layout.loops:
-        problems.append(f"backprop depth {layout.backprop_depth} not in [0, loops {layout.loops}]")
+    if not 0 <= layout.backprop_depth <= layout.n_loops:
+        problems.append(f"backprop depth {layout.backprop_depth} not in [0, loops {layout.n_loops}]")
     if layout.micro_batch < 1 or layout.grad_accum < 1:
         problems.append("micro-batch and gradient accumulation must be >= 1")
     return problems

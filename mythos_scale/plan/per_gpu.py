@@ -105,10 +105,10 @@ class ModelParts:
         """2x the forward of what gradients flow through: all but the T - k no-grad iterations."""
         return 2 * (self._once(cfg) + backprop_depth * (self.core_iteration_flops + self.halting_flops))
 
-    def step_flops_per_token(self, cfg: ModelConfig, loops: int, backprop_depth: int, recompute: bool) -> Parts:
+    def step_flops_per_token(self, cfg: ModelConfig, n_loops: int, backprop_depth: int, recompute: bool) -> Parts:
         """Hardware FLOPs per token of one training step: forward, backward and, with
         checkpointing, the recomputed iterations."""
-        forward = self._once(cfg) + loops * self.core_iteration_flops + max(backprop_depth, 1) * self.halting_flops
+        forward = self._once(cfg) + n_loops * self.core_iteration_flops + max(backprop_depth, 1) * self.halting_flops
         recomputed = backprop_depth * self.core_iteration_flops if recompute else Parts()
         return forward + self.backward_flops_per_token(cfg, backprop_depth) + recomputed
 

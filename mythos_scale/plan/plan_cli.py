@@ -57,7 +57,7 @@ def _rows(rows: list[tuple[str, str]]) -> str:
 
 def format_model(plan: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = [
-        ("loops T / backprop depth k / seq len", f"{plan['loops']} / {plan['backprop_depth']} / {plan['seq_len']}"),
+        ("loops T / backprop depth k / seq len", f"{plan['n_loops']} / {plan['backprop_depth']} / {plan['seq_len']}"),
         ("params total", f"{plan['params_total']:,} ({_human(plan['params_total'])})"),
     ]
     rows += [(f"  {name}", f"{n:,}") for name, n in plan["params_breakdown"].items()]
@@ -90,7 +90,7 @@ def format_plan(plan: Plan) -> str:
         ("  one core iteration (recomputed)", gib(mem.activations["core_iteration"])),
         ("  moments", " | ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in mem.peaks.items())),
         ("inference (one GPU, bf16)", f"KV cache {_bytes(mem.kv_cache_bytes_per_sequence)} per "
-                                      f"{lay.seq_len}-token sequence at T={lay.loops}: "
+                                      f"{lay.seq_len}-token sequence at T={lay.n_loops}: "
                                       f"{plan.inference_batch} sequences fit beside the weights"),
     ]
     for group, calls in plan.comms.items():
@@ -178,10 +178,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
-    loops = args.loops if args.loops is not None else cfg.train.loops.mean
-    depth = args.backprop_depth if args.backprop_depth is not None else min(cfg.train.loops.backprop_depth, loops)
+    n_loops = args.loops if args.loops is not None else cfg.train.loops.mean
+    depth = args.backprop_depth if args.backprop_depth is not None else min(cfg.train.loops.backprop_depth, n_loops)
     seq_len = args.seq_len if args.seq_len is not None else cfg.data.seq_len
-    model = plan_model(cfg.model, loops, depth, seq_len)
+    model = plan_model(cfg.model, n_loops, depth, seq_len)
     cluster = make_cluster(args.gpu, args.nodes, args.gpus_per_node, bf16_tflops=args.bf16_tflops,
                            memory_gib=args.memory_gib, hbm_tbps=args.hbm_tbps, nvlink_gbps=args.nvlink_gbps,
                            internode_gbps=args.internode_gbps, compute_efficiency=args.compute_efficiency,
@@ -192,7 +192,7 @@ def _build(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     budget = args.tokens if args.tokens is not None else cfg.train.max_steps * global_batch * seq_len
     out: dict[str, Any] = {"model": model, "cluster": cluster}
     if args.search:
-        out["search"] = search(cfg, cluster, rt, seq_len=seq_len, loops=loops, backprop_depth=depth,
+        out["search"] = search(cfg, cluster, rt, seq_len=seq_len, n_loops=n_loops, backprop_depth=depth,
                                global_batch=global_batch, overlap=overlap, token_budget=budget)
         return out
     if args.tp < 1 or cluster.world % args.tp:
@@ -209,7 +209,7 @@ def _build(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
                          "set --global-batch or --micro-batch")
     ckpt = cfg.model.activation_checkpointing if args.checkpointing is None else args.checkpointing == "on"
     layout = Layout(dp=dp, tp=args.tp, ep=args.ep, zero_stage=args.zero_stage or cfg.train.zero_stage,
-                    micro_batch=micro, grad_accum=global_batch // (micro * dp), seq_len=seq_len, loops=loops,
+                    micro_batch=micro, grad_accum=global_batch // (micro * dp), seq_len=seq_len, n_loops=n_loops,
                     backprop_depth=depth, checkpointing=ckpt)
     out["plan"] = make_plan(cfg, cluster, layout, rt, overlap, budget)
     return out

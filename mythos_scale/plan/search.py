@@ -28,7 +28,7 @@ def _powers_of_two(up_to: int) -> list[int]:
     return [1 << i for i in range(up_to.bit_length()) if 1 << i <= up_to]
 
 
-def search(cfg: Config, cluster: Cluster, rt: Runtime, *, seq_len: int, loops: int, backprop_depth: int,
+def search(cfg: Config, cluster: Cluster, rt: Runtime, *, seq_len: int, n_loops: int, backprop_depth: int,
            global_batch: int, overlap: bool, token_budget: float) -> tuple[list[Plan], list[Rejected]]:
     """All (TP, EP, ZeRO stage, micro-batch, checkpointing) layouts of ``cluster`` for a fixed
     recipe (global batch, sequence length, T, k).  TP runs over the divisors of a node's GPUs
@@ -51,7 +51,7 @@ def search(cfg: Config, cluster: Cluster, rt: Runtime, *, seq_len: int, loops: i
                                 f"global batch {global_batch} not a multiple of micro-batch {micro} x DP {dp}"]))
                             continue
                         layout = Layout(dp=dp, tp=tp, ep=ep, zero_stage=zero, micro_batch=micro,
-                                        grad_accum=global_batch // (micro * dp), seq_len=seq_len, loops=loops,
+                                        grad_accum=global_batch // (micro * dp), seq_len=seq_len, n_loops=n_loops,
                                         backprop_depth=backprop_depth, checkpointing=ckpt)
                         problems = layout_problems(cfg, layout, cluster.gpus_per_node)
                         if problems:

@@ -31,6 +31,6 @@ def sample_loops(schedule: LoopSchedule, seed: int, step: int) -> int:
     return int(min(schedule.min + x, schedule.max))
 
 
-def backprop_depth(schedule: LoopSchedule, n_loops: int) -> int:
+def step_backprop_depth(schedule: LoopSchedule, n_loops: int) -> int:
     """k: gradients flow through the last k of the n_loops iterations."""
     return min(schedule.backprop_depth, n_loops)

@@ -36,7 +36,7 @@ from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed,
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.parallel.precision import refresh_fp32_values, uses_bf16
 from mythos_scale.plan import plan_model
-from mythos_scale.train.loops import backprop_depth, sample_loops
+from mythos_scale.train.loops import sample_loops, step_backprop_depth
 from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
 from mythos_scale.train.metrics_log import MetricsLogger
 from mythos_scale.train.optim import build_optimizer, lr_at
@@ -149,7 +149,7 @@ class Trainer:
         step_start = time.perf_counter()
         t = self.cfg.train
         n_loops = sample_loops(t.loops, t.seed, self.step)
-        k = backprop_depth(t.loops, n_loops)
+        backprop_depth = step_backprop_depth(t.loops, n_loops)
         lr = lr_at(self.step, t)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
@@ -163,7 +163,7 @@ class Trainer:
             inputs, labels = next(batches)
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             t1 = time.perf_counter()
-            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k,
+            out = self.engine(inputs, n_loops=n_loops, backprop_depth=backprop_depth,
                               with_stats=logged and micro == self.grad_accum - 1)  # the last one's are logged
             loss, parts = self._loss(out, labels)
             self._sync(timed)
@@ -205,7 +205,7 @@ class Trainer:
         metrics.update({
             "train/lr": lr, "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/skipped_steps": self.skipped_steps, "train/tokens_seen": self.tokens_seen,
-            "loops/T": n_loops, "loops/backprop_depth": k,
+            "loops/T": n_loops, "loops/backprop_depth": backprop_depth,
         })
         if timed or self.layout.device.type != "cuda":
             metrics.update({f"time/{phase}_s": seconds for phase, seconds in times.items()})
@@ -229,12 +229,12 @@ class Trainer:
                     out[f"model/{name}/iter_{i:02d}"] = next(values)
         return out
 
-    def _step_flops(self, n_loops: int, k: int) -> float:
-        """Model FLOPs of one optimizer step (all ranks) at loop count T and backprop depth k."""
-        if (n_loops, k) not in self._flops_per_token:
-            self._flops_per_token[n_loops, k] = plan_model(
-                self.cfg.model, loops=n_loops, backprop_depth=k, seq_len=self.cfg.data.seq_len)["flops_per_token"]
-        return self.tokens_per_step * self._flops_per_token[n_loops, k]
+    def _step_flops(self, n_loops: int, backprop_depth: int) -> float:
+        """Model FLOPs of one optimizer step (all ranks) at loop count T and backprop depth k (``backprop_depth``)."""
+        if (n_loops, backprop_depth) not in self._flops_per_token:
+            self._flops_per_token[n_loops, backprop_depth] = plan_model(
+                self.cfg.model, n_loops=n_loops, backprop_depth=backprop_depth, seq_len=self.cfg.data.seq_len)["flops_per_token"]
+        return self.tokens_per_step * self._flops_per_token[n_loops, backprop_depth]
 
     def _throughput(self, steps: int, seconds: float, flops: float) -> dict[str, float]:
         """Throughput over a logging interval of ``steps`` steps and ``seconds`` of wall time
