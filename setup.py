@@ -11,11 +11,21 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+
+def _module(name: str):
+    """A module of the package loaded from its file, without importing the package (or torch)."""
+    spec = importlib.util.spec_from_file_location(f"mythos_{name.replace('/', '_')}",
+                                                  Path(__file__).parent / "mythos_scale" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# torch, deepspeed, megatron-core and mosaicml-streaming are pinned to the versions tested, each with
+# its reason, in mythos_scale/versions.py (`mythos train` checks them again at start).
 INSTALL_REQUIRES = [
-    "torch>=2.4",
-    "deepspeed>=0.16",
-    "megatron-core>=0.12",
-    "mosaicml-streaming>=0.11",
+    *(_module("versions").requirement(package) for package in ("torch", "deepspeed", "megatron-core",
+                                                               "mosaicml-streaming")),
     "tensorboard>=2.15",
     "tokenizers>=0.19",
     "safetensors>=0.4",
@@ -55,11 +65,7 @@ def _warn(message: str) -> None:
 
 def _kernel_build_module():
     """mythos_scale/kernels/build.py (sources and flags), loaded without importing the package."""
-    spec = importlib.util.spec_from_file_location(
-        "mythos_kernel_build", Path(__file__).parent / "mythos_scale" / "kernels" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _module("kernels/build")
 
 
 def _nvcc_problem(cpp_extension, torch_cuda: str | None) -> str | None:

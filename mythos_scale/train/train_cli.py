@@ -20,6 +20,20 @@ import sys
 from mythos_scale.config import ConfigError, layout_problem, load_config
 from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from mythos_scale.train.stop_signals import install_stop_handlers
+from mythos_scale.versions import ALLOW_UNTESTED_ENV, untested_versions
+
+
+def check_versions() -> None:
+    """Refuse (exit 2) dependency versions outside the tested ranges, unless overridden."""
+    problems = untested_versions()
+    if not problems:
+        return
+    text = "; ".join(problems)
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        print(f"mythos train: warning: untested versions ({ALLOW_UNTESTED_ENV}=1): {text}", file=sys.stderr)
+        return
+    raise ConfigError(f"{text}. Install the tested versions (pip install -e . pins them) or set "
+                      f"{ALLOW_UNTESTED_ENV}=1 to run anyway")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers()  # from the start: a signal during start-up stops the run at step 1
     try:
         cfg = load_config(args.config, args.overrides)
+        check_versions()
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         launched = os.environ.get("RANK") or os.environ.get("SLURM_PROCID")
