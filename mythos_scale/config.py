@@ -260,6 +260,9 @@ class ParallelConfig(_Strict):
     ep: int = Field(1, ge=1)  # expert parallelism: routed experts partitioned over ep ranks
     # A collective that waits longer fails (NCCL: with a flight-recorder dump) instead of hanging.
     timeout_minutes: float = Field(20.0, gt=0)
+    # auto: the GPU when CUDA works, else the CPU, but an error when GPUs were allocated and CUDA
+    # cannot use them; cpu: the CPU on purpose; cuda: an error without a usable GPU.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
 
 
 class Config(_Strict):

@@ -3,11 +3,18 @@ dependency versions outside the tested ranges, and GPUs allocated but CUDA unusa
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from mythos_scale.config import ConfigError
+from mythos_scale.parallel.distributed import LaunchError, allocated_gpus, select_device
 from mythos_scale.train import train_cli
 from mythos_scale.versions import ALLOW_UNTESTED_ENV, TESTED, requirement, untested_versions
+
+from conftest import REPO, TINY_TRAIN, subprocess_env
 
 
 def _tested() -> dict[str, str]:
@@ -40,3 +47,42 @@ def test_train_refuses_untested_versions_unless_allowed(monkeypatch, capsys):
     monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
     train_cli.check_versions()
     assert "warning: untested versions" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ GPUs allocated, CUDA unusable
+
+@pytest.fixture
+def no_usable_cuda(monkeypatch):
+    """A node whose torch cannot use its GPUs (as with a wheel built for a newer driver)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("env", [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"SLURM_GPUS_ON_NODE": "8"}, {"SLURM_JOB_GPUS": "0"}])
+def test_allocated_gpus_without_cuda_are_an_error(no_usable_cuda, env):
+    for name, value in env.items():
+        no_usable_cuda.setenv(name, value)
+    with pytest.raises(LaunchError, match=f"GPUs were allocated \\({next(iter(env))}=.*parallel.device=cpu"):
+        select_device("auto", 0)
+    assert select_device("cpu", 0) == torch.device("cpu")  # the CPU on purpose
+
+
+def test_no_gpu_allocated_means_the_cpu_unless_cuda_is_required(no_usable_cuda):
+    no_usable_cuda.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert allocated_gpus() is None and select_device("auto", 0) == torch.device("cpu")
+    with pytest.raises(LaunchError, match="parallel.device=cuda but"):
+        select_device("cuda", 0)
+
+
+@pytest.mark.slow  # a `mythos train` process
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA is unusable (here it works)")
+def test_train_exits_2_when_gpus_are_allocated_but_cuda_is_unusable(tmp_path):
+    env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": "0"}
+    cmd = [sys.executable, "-m", "mythos_scale.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
+           *TINY_TRAIN, f"train.out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "GPUs were allocated (CUDA_VISIBLE_DEVICES=0)" in proc.stderr and "parallel.device=cpu" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -177,9 +177,51 @@ def cuda_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0) -> ParallelLayout:
+def allocated_gpus() -> str | None:
+    """What says this process was given GPUs (the launcher or Slurm), or None."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible.strip() not in ("", "-1", "none", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):  # GPU indices
+        if os.environ.get(name, "").strip():
+            return f"{name}={os.environ[name]}"
+    if os.environ.get("SLURM_GPUS_ON_NODE", "").strip() not in ("", "0"):  # a count
+        return f"SLURM_GPUS_ON_NODE={os.environ['SLURM_GPUS_ON_NODE']}"
+    return None
+
+
+def _why_cuda_is_unusable() -> str:
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # the driver's own words: "driver too old", "no CUDA GPUs", ...
+        return f"torch {torch.__version__} built for CUDA {torch.version.cuda} cannot use the GPU: {exc}"
+    return f"torch {torch.__version__} built for CUDA {torch.version.cuda} sees no usable GPU"
+
+
+def select_device(requested: str, local_rank: int) -> torch.device:
+    """The rank's device for ``parallel.device``: ``cpu`` on purpose, ``cuda`` required, or
+    ``auto``: the GPU when CUDA works, the CPU when no GPU was allocated, and an error when GPUs
+    were allocated but CUDA cannot use them (a wheel built for a newer driver than the node's):
+    training on the CPU there would waste the allocation silently."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return cuda_device(local_rank)
+    allocated = allocated_gpus()
+    if requested == "cuda" or allocated:
+        given = f"GPUs were allocated ({allocated}) but " if allocated else "parallel.device=cuda but "
+        raise LaunchError(f"{given}{_why_cuda_is_unusable()}. Install a torch wheel for the node's driver "
+                          f"(nvidia-smi shows the driver's CUDA version), or set parallel.device=cpu to train "
+                          f"on the CPU on purpose")
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0, device: str = "auto") -> ParallelLayout:
     """Start torch.distributed (with :attr:`ParallelLayout.backend`) and return the layout.
-    A collective that waits more than ``timeout_minutes`` fails instead of hanging the job."""
+    A collective that waits more than ``timeout_minutes`` fails instead of hanging the job;
+    ``device`` is ``parallel.device`` (:func:`select_device`)."""
     _fill_env_from_launcher()
     rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if world is None or world < 1:
@@ -192,13 +234,12 @@ def init_distributed(tp: int = 1, ep: int = 1, timeout_minutes: float = 20.0) ->
             raise LaunchError(f"{name} is not set; multi-process launches need it "
                               f"(the Slurm scripts export it from the first node)")
     check_layout(world, tp, ep)
-    if torch.cuda.is_available():
-        device = cuda_device(local)
+    device = select_device(device, local)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         for name, value in NCCL_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
     else:
-        device = torch.device("cpu")
         # Ranks on one machine share its cores: oversubscribed threads make every rank slower.
         local_world = _env_int("LOCAL_WORLD_SIZE") or world
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

@@ -389,7 +389,8 @@ def run(cfg: Config) -> int:
     try:
         if not torch.cuda.is_available():
             _skip_deepspeed_shm_op()
-        layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_minutes)
+        layout = init_distributed(cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.timeout_minutes,
+                                  cfg.parallel.device)
         return Trainer(cfg, layout).fit()
     except (ConfigError, LaunchError, CheckpointError, DataError) as exc:
         print(f"mythos train: error: {exc}", file=sys.stderr)
