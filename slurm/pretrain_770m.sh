@@ -33,7 +33,21 @@ set -uo pipefail
 CONFIG=${CONFIG:-configs/mythos_770m.yaml}
 EXIT_PREEMPTED=75
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+# Below the ephemeral port range, from the job id (slurm/master_port.sh says why).
+if [ -z "${MASTER_PORT:-}" ]; then
+  MASTER_PORT=$(bash slurm/master_port.sh "$SLURM_JOB_ID") || exit 2
+fi
+export MASTER_PORT
+# Network interfaces: on nodes with several NICs, NCCL and gloo may pick one the other nodes
+# cannot reach (a docker or management bridge) and hang at the first collective.  Name the
+# fabric's interface at submission (sbatch passes the environment on), e.g.
+#   NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0 sbatch slurm/pretrain_770m.sh   (or =^docker,lo)
+# unset, each library chooses.  NCCL_DEBUG=INFO prints the chosen transport (IB/RoCE vs sockets)
+# at start: worth one look on a new cluster, WARN otherwise.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# The caching allocator grows segments in place instead of fragmenting across the loop's
+# varying activation sizes (T and k change from step to step).
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SRUN_CPUS_PER_TASK}
 export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$PWD/nccl_traces/$SLURM_JOB_ID/rank_}

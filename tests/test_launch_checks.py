@@ -3,6 +3,7 @@ dependency versions outside the tested ranges, and GPUs allocated but CUDA unusa
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -86,3 +87,34 @@ def test_train_exits_2_when_gpus_are_allocated_but_cuda_is_unusable(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "GPUs were allocated (CUDA_VISIBLE_DEVICES=0)" in proc.stderr and "parallel.device=cpu" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+# ------------------------------------------------------------------ the Slurm rendezvous port
+
+def _master_port(job_id: int, ephemeral: str, tmp_path) -> subprocess.CompletedProcess:
+    (tmp_path / "range").write_text(ephemeral)
+    return subprocess.run(["bash", str(REPO / "slurm" / "master_port.sh"), str(job_id)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "MYTHOS_PORT_RANGE_FILE": str(tmp_path / "range")})
+
+
+def test_master_port_stays_below_the_ephemeral_range(tmp_path):
+    ports = {job: int(_master_port(job, "32768\t60999\n", tmp_path).stdout) for job in (0, 17767, 17768, 2**31 - 1)}
+    assert all(15000 <= p < 32768 for p in ports.values()), ports
+    assert ports[0] == ports[17768] == 15000 and ports[17767] == 32767  # wraps within the room below the range
+    assert int(_master_port(123, "40000 60999", tmp_path).stdout) == 15123  # same job, same port (a requeue)
+    low = _master_port(123, "15050 60999", tmp_path)
+    assert low.returncode == 2 and "no room below it" in low.stderr
+
+
+def test_master_port_takes_the_next_when_the_first_is_busy(tmp_path):
+    first = int(_master_port(4321, "32768 60999", tmp_path).stdout)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", first))
+        busy.listen()
+        proc = _master_port(4321, "32768 60999", tmp_path)
+        assert proc.returncode == 0 and int(proc.stdout) == first + 1 and f"port {first} is in use" in proc.stderr
+        with socket.socket() as also_busy:
+            also_busy.bind(("127.0.0.1", first + 1))
+            also_busy.listen()
+            both = _master_port(4321, "32768 60999", tmp_path)
+    assert both.returncode == 2 and "both in use" in both.stderr
