@@ -232,6 +232,11 @@ class TrainConfig(_Strict):
     # ZeRO-3 is refused: the looped core reads shared weights outside module hooks (tied head,
     # stacked experts, injection), which stage 3's parameter gathering does not see.
     zero_stage: int = Field(1, ge=1, le=2)
+    # ZeRO-1/2 reduce gradient buckets during backward (DeepSpeed overlap_comm; on GPU a side
+    # stream, at the cost of a second bucket) instead of all at the end.  The bucket holds this
+    # many elements: larger buckets mean fewer, better-sized collectives and more memory.
+    overlap_comm: bool = True
+    reduce_bucket_size: int = Field(500_000_000, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     loops: LoopSchedule = LoopSchedule()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -263,6 +268,9 @@ class ParallelConfig(_Strict):
     # auto: the GPU when CUDA works, else the CPU, but an error when GPUs were allocated and CUDA
     # cannot use them; cpu: the CPU on purpose; cuda: an error without a usable GPU.
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Every this many steps, check that the TP ranks' replicated parameters are bit-identical
+    # (mythos_scale/parallel/replicas.py: two small collectives); 0 never checks.
+    tp_check_every: int = Field(100, ge=0)
 
 
 class Config(_Strict):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mythos_scale.config import ConfigError
+from mythos_scale.parallel import distributed
 from mythos_scale.parallel.distributed import LaunchError, allocated_gpus, select_device
 from mythos_scale.train import train_cli
 from mythos_scale.versions import ALLOW_UNTESTED_ENV, TESTED, requirement, untested_versions
@@ -56,12 +57,13 @@ def test_train_refuses_untested_versions_unless_allowed(monkeypatch, capsys):
 def no_usable_cuda(monkeypatch):
     """A node whose torch cannot use its GPUs (as with a wheel built for a newer driver)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "NVIDIA_DEVICE_FILES", ())
     return monkeypatch
 
 
-@pytest.mark.parametrize("env", [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"SLURM_GPUS_ON_NODE": "8"}, {"SLURM_JOB_GPUS": "0"}])
+@pytest.mark.parametrize("env", [{"SLURM_GPUS_ON_NODE": "8"}, {"SLURM_JOB_GPUS": "0"}, {"SLURM_STEP_GPUS": "0,1"}])
 def test_allocated_gpus_without_cuda_are_an_error(no_usable_cuda, env):
     for name, value in env.items():
         no_usable_cuda.setenv(name, value)
@@ -70,8 +72,16 @@ def test_allocated_gpus_without_cuda_are_an_error(no_usable_cuda, env):
     assert select_device("cpu", 0) == torch.device("cpu")  # the CPU on purpose
 
 
+def test_a_driver_without_usable_cuda_is_an_error(no_usable_cuda, tmp_path):
+    (tmp_path / "nvidia0").touch()  # what the NVIDIA kernel driver creates
+    no_usable_cuda.setattr(distributed, "NVIDIA_DEVICE_FILES", (str(tmp_path / "nvidia0"),))
+    with pytest.raises(LaunchError, match="nvidia0 exists"):
+        select_device("auto", 0)
+
+
 def test_no_gpu_allocated_means_the_cpu_unless_cuda_is_required(no_usable_cuda):
-    no_usable_cuda.setenv("CUDA_VISIBLE_DEVICES", "")
+    no_usable_cuda.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # DeepSpeed's launcher sets it on CPU machines too
+    no_usable_cuda.setenv("SLURM_GPUS_ON_NODE", "0")
     assert allocated_gpus() is None and select_device("auto", 0) == torch.device("cpu")
     with pytest.raises(LaunchError, match="parallel.device=cuda but"):
         select_device("cuda", 0)
@@ -80,12 +90,12 @@ def test_no_gpu_allocated_means_the_cpu_unless_cuda_is_required(no_usable_cuda):
 @pytest.mark.slow  # a `mythos train` process
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA is unusable (here it works)")
 def test_train_exits_2_when_gpus_are_allocated_but_cuda_is_unusable(tmp_path):
-    env = {**subprocess_env(), "CUDA_VISIBLE_DEVICES": "0"}
+    env = {**subprocess_env(), "SLURM_JOB_GPUS": "0"}
     cmd = [sys.executable, "-m", "mythos_scale.train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
            *TINY_TRAIN, f"train.out_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "GPUs were allocated (CUDA_VISIBLE_DEVICES=0)" in proc.stderr and "parallel.device=cpu" in proc.stderr
+    assert "GPUs were allocated (SLURM_JOB_GPUS=0)" in proc.stderr and "parallel.device=cpu" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
 
 

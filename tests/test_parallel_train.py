@@ -30,7 +30,7 @@ from conftest import REPO, TINY_TRAIN, run_train, subprocess_env
 pytestmark = pytest.mark.slow  # multi-process, DeepSpeed, Slurm or long runs: see pyproject.toml
 
 STEPS = 4
-LAYOUT = ["parallel.tp=2", "parallel.ep=2"]
+LAYOUT = ["parallel.tp=2", "parallel.ep=2", "parallel.tp_check_every=2"]  # the replica check runs too
 
 
 def _losses(run: Path) -> list[float]:

@@ -23,6 +23,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -177,16 +178,22 @@ def cuda_device(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# The NVIDIA kernel driver creates these when the node has a GPU.
+NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/proc/driver/nvidia/gpus")
+
+
 def allocated_gpus() -> str | None:
-    """What says this process was given GPUs (the launcher or Slurm), or None."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if visible.strip() not in ("", "-1", "none", "NoDevFiles"):
-        return f"CUDA_VISIBLE_DEVICES={visible}"
+    """What says this node has GPUs for this process (Slurm's allocation, or NVIDIA devices the
+    kernel driver shows), or None.  CUDA_VISIBLE_DEVICES is no evidence: DeepSpeed's launcher
+    sets it on CPU machines too."""
     for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):  # GPU indices
         if os.environ.get(name, "").strip():
             return f"{name}={os.environ[name]}"
     if os.environ.get("SLURM_GPUS_ON_NODE", "").strip() not in ("", "0"):  # a count
         return f"SLURM_GPUS_ON_NODE={os.environ['SLURM_GPUS_ON_NODE']}"
+    for device in NVIDIA_DEVICE_FILES:
+        if Path(device).exists():
+            return f"{device} exists"
     return None
 
 

@@ -13,7 +13,6 @@ from typing import Any
 from mythos_scale.config import Config
 
 # DeepSpeed 0.19 ZeRO defaults for the knobs the estimates read (deepspeed/runtime/zero/config.py).
-DS_REDUCE_BUCKET_SIZE = 500_000_000
 DS_MULTI_RANK_BUCKET_ALLREDUCE = True
 
 
@@ -86,13 +85,14 @@ class Runtime:
         bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
         if fused_kernels is None:
             fused_kernels = cfg.model.kernels == "fused" or (cfg.model.kernels == "auto" and device == "cuda")
-        zero = cfg.deepspeed.get("zero_optimization", {})
+        zero = {"reduce_bucket_size": cfg.train.reduce_bucket_size, "overlap_comm": cfg.train.overlap_comm,
+                **cfg.deepspeed.get("zero_optimization", {})}
         return cls(device=device, compute_bytes=2 if bf16 else 4, fused_kernels=fused_kernels,
                    z_loss=cfg.train.z_loss_coef > 0,
-                   reduce_bucket_size=int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)),
+                   reduce_bucket_size=int(zero["reduce_bucket_size"]),
                    multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce",
                                                              DS_MULTI_RANK_BUCKET_ALLREDUCE)),
-                   overlap_comm=bool(zero.get("overlap_comm", False)))
+                   overlap_comm=bool(zero["overlap_comm"]))
 
 
 def layout_problems(cfg: Config, layout: Layout, gpus_per_node: int | None = None) -> list[str]:

@@ -35,6 +35,7 @@ from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.parallel.precision import refresh_fp32_values, uses_bf16
+from mythos_scale.parallel.replicas import replica_drift
 from mythos_scale.plan import plan_model
 from mythos_scale.train.loops import sample_loops, step_backprop_depth
 from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
@@ -299,6 +300,7 @@ class Trainer:
                     metrics.update(self._throughput(*interval.take()))
                 self.metrics.row(self.step, t.max_steps, metrics, console=logged)
                 self._check_finite()
+                self._check_replicas()
                 saving = self.checkpointer.after_step(
                     self.engine, self.step, due=self.step % t.checkpoint.every == 0 or self.step == last_step,
                     trainer_state=self._trainer_state, stop_requested=stop_requested() is not None,
@@ -329,6 +331,15 @@ class Trainer:
                 f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
                 f"(limit train.max_nonfinite_steps={t.max_nonfinite_steps}); stopping without "
                 f"saving. The last good checkpoint is in {self.checkpointer.dir}")
+
+    def _check_replicas(self) -> None:
+        """Every ``parallel.tp_check_every`` steps under TP: stop when the TP ranks' copies of a
+        replicated parameter are no longer bit-identical (see mythos_scale/parallel/replicas.py)."""
+        every = self.cfg.parallel.tp_check_every
+        if self.layout.tp > 1 and every and self.step % every == 0:
+            drift = replica_drift(self.engine.module, self.layout)
+            if drift is not None:
+                raise TrainingError(f"step {self.step}: {drift}")
 
     def _exit_preempted(self, saved: str) -> int:
         if self.layout.is_main:
