@@ -100,7 +100,10 @@ class LoopEmbedding(nn.Module):
     def forward(self, loop: int) -> torch.Tensor:
         if self.kind == "sinusoidal":
             return sinusoidal(loop, self.dim, self.gain.device) * self.gain.float()
-        return self.table[min(loop, self.table.shape[0] - 1)]  # a view: no index tensor built on the host
+        # A row by a Python int: no index tensor built on the host (no sync).  Copied, not a view: a
+        # view made under no_grad (the truncated iterations) would still say requires_grad without
+        # a grad_fn, which module hooks (FlopCounterMode's tracker) cannot handle.
+        return self.table[min(loop, self.table.shape[0] - 1)].clone()
 
 
 class HaltingUnit(nn.Module):
