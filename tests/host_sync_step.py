@@ -1,12 +1,14 @@
 """Host syncs of real training steps (one rank of a launch): ``python tests/host_sync_step.py
 CONFIG OVERRIDES...`` builds the trainer, runs one warm-up step, then counts the syncs of an
 unlogged step and of a logged one (:class:`~mythos_scale.train.host_syncs.HostSyncCounter`) and
-prints them as one JSON line per rank (``SYNCS {...}``)."""
+writes them to ``<train.out_dir>/syncs_rank<r>.json`` (a file per rank: the launcher interleaves
+the ranks' stdout, so two ranks' lines can share a line)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -30,7 +32,8 @@ def main() -> None:
         report["logged" if logged else "unlogged"] = {
             "total": syncs.total, "by_kind": dict(syncs.by_kind),
             "model_stats": sorted(k for k in metrics if k.startswith("model/"))}
-    print("SYNCS " + json.dumps({"rank": trainer.layout.rank, **report}), flush=True)
+    rank = trainer.layout.rank
+    (Path(cfg.train.out_dir) / f"syncs_rank{rank}.json").write_text(json.dumps({"rank": rank, **report}))
 
 
 if __name__ == "__main__":
