@@ -46,6 +46,10 @@ class AttentionConfig(_Strict):
     v_head_dim: int = Field(32, ge=1)
     n_kv_heads: int = Field(1, ge=1)  # GQA only
     rope_theta: float = Field(10000.0, gt=0)
+    # Packed sequences: a token attends only within its document (ended by the data's EOS token).
+    document_mask: bool = True
+    # Document-masked attention: flash-attn's varlen kernel on CUDA when installed (auto), or SDPA.
+    kernel: Literal["auto", "flash", "sdpa"] = "auto"
 
 
 class MoEConfig(_Strict):

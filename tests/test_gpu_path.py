@@ -134,7 +134,7 @@ def test_770m_forward_at_4096_in_bf16_on_fake_cuda(cfg, fake_gpu):
     checks = GpuPathChecks()
     with mode, checks:
         inputs, labels = (t.to("cuda") for t in fake_batch(cfg))
-        out = model(inputs, n_loops=3, backprop_depth=2)
+        out = model(inputs, n_loops=3, backprop_depth=2, eos_id=0)  # document mask on
         loss = training_loss(cfg, out, labels)
     assert out.logits.shape == (1, SEQ, cfg.model.vocab_size) and out.logits.dtype == torch.bfloat16
     assert loss.device.type == "cuda" and loss.requires_grad

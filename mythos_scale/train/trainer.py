@@ -66,6 +66,7 @@ class Trainer:
                            vocab_size=cfg.model.vocab_size)
         self.train_loader = build_train_loader(cfg.data, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
+        self.eos_id = self.train_loader.sources[0].manifest.eos_id  # document boundaries (one tokenizer)
 
         seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
@@ -158,7 +159,7 @@ class Trainer:
             inputs, labels = next(batches)
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             t1 = time.perf_counter()
-            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k)
+            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k, eos_id=self.eos_id)
             loss, parts = self._loss(out, labels)
             self._sync(timed)
             t2 = time.perf_counter()
@@ -260,7 +261,8 @@ class Trainer:
                 break
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             for tag, n_loops in tags.items():
-                totals[tag] += self._lm_loss(self.engine(inputs, n_loops=n_loops).logits.float(), labels)
+                totals[tag] += self._lm_loss(self.engine(inputs, n_loops=n_loops, eos_id=self.eos_id).logits.float(),
+                                             labels)
             count += 1
         self.engine.train()
         *sums, batches = sum_over_ranks([*totals.values(), float(count)], self.layout.device)
