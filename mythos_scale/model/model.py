@@ -24,6 +24,8 @@ API (what ``mythos eval`` / ``mythos generate`` build on)::
 - ``eos_id`` (training / validation on packed data): with ``model.attention.document_mask`` a token
   attends only within its own document (documents end at ``eos_id``); ignored with a cache and by
   the adaptive (ACT / KL-exit) inference loop, which see whole rows as one text.
+- ``logits=False`` (training): no logits; ``out.hidden`` holds the final-norm states for a loss
+  that applies :attr:`MythosModel.head_weight` itself (``train.loss_chunk_tokens``).
 - ``cache`` / ``start_pos``: incremental decoding.  ``cache = model.new_cache(batch_size)``, then
   ``model(prompt, T, cache=cache)`` and ``model(next_tokens, T, cache=cache, start_pos=n)`` with
   the same T; the logits equal those of one full forward over the whole sequence (with an ACT
@@ -89,11 +91,12 @@ class ModelOutput:
     """``moe_aux_loss`` and ``ponder_cost`` are already scaled by their config coefficients
     (zero tensors when unused); ``stats`` holds detached tensors for logging."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when called with logits=False
     moe_aux_loss: torch.Tensor
     ponder_cost: torch.Tensor
     loops_used: torch.Tensor  # (batch, seq) int64: loop iterations each position ran
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # logits=False: the final-norm states the LM head reads
 
 
 class _LoopRun(NamedTuple):
@@ -222,9 +225,13 @@ class MythosModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (vocab, dim) weight: the embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return F.linear(self.norm(x), self.head_weight)
 
     @staticmethod
     def _kv(cache: KVCache | None, key: tuple, rows: torch.Tensor | None = None):
@@ -239,8 +246,8 @@ class MythosModel(nn.Module):
         return x
 
     def _coda_logits(self, h: torch.Tensor, cache: KVCache | None, start_pos: int,
-                     rows: torch.Tensor | None = None, docs: DocumentLayout | None = None) -> torch.Tensor:
-        return self._head(self._dense_stack(h, self.coda, "coda", cache, start_pos, rows, docs))
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self._head(self._dense_stack(h, self.coda, "coda", cache, start_pos, rows))
 
     def _iterate(self, h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop: int, kv: list | None,
                  start_pos: int, absorb: bool = True, docs: DocumentLayout | None = None,
@@ -264,7 +271,7 @@ class MythosModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, backprop_depth: int | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None,
-                act: bool = True, eos_id: int | None = None) -> ModelOutput:
+                act: bool = True, eos_id: int | None = None, logits: bool = True) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         loops = self.default_loops if n_loops is None else n_loops
@@ -301,8 +308,10 @@ class MythosModel(nn.Module):
                 stats["state_token_cos"] = F.cosine_similarity(run.out[:, 1:].float(), run.out[:, :-1].float(),
                                                                dim=-1).mean()
         moe_aux_loss = run.moe_aux / max(1, grad_loops * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
-        return ModelOutput(logits=self._coda_logits(run.out, cache, start_pos, docs=docs), moe_aux_loss=moe_aux_loss,
-                           ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats)
+        hidden = self.norm(self._dense_stack(run.out, self.coda, "coda", cache, start_pos, docs=docs))
+        return ModelOutput(logits=F.linear(hidden, self.head_weight) if logits else None, moe_aux_loss=moe_aux_loss,
+                           ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats,
+                           hidden=None if logits else hidden)
 
     def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
         std = self.cfg.injection.state_init_std

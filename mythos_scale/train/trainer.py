@@ -35,6 +35,7 @@ from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.plan import plan_model
+from mythos_scale.train.lm_loss import lm_head_loss
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
 from mythos_scale.train.metrics_log import MetricsLogger
@@ -131,15 +132,12 @@ class Trainer:
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
 
     def _loss(self, out, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = out.logits.float()
-        lm = self._lm_loss(logits, labels)
-        parts = {"lm_loss": lm, "moe_aux_loss": out.moe_aux_loss, "ponder_cost": out.ponder_cost}
-        loss = lm + out.moe_aux_loss + out.ponder_cost
-        if self.cfg.train.z_loss_coef:
-            z = self.cfg.train.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-            parts["z_loss"] = z
-            loss = loss + z
-        return loss, parts
+        t = self.cfg.train
+        lm = lm_head_loss(out.hidden, self.model.head_weight, labels, t.loss_chunk_tokens, t.z_loss_coef)
+        parts = {"lm_loss": lm.lm, "moe_aux_loss": out.moe_aux_loss, "ponder_cost": out.ponder_cost}
+        if t.z_loss_coef:
+            parts["z_loss"] = lm.z
+        return lm.total + out.moe_aux_loss + out.ponder_cost, parts
 
     def train_step(self, batches) -> dict[str, float]:
         step_start = time.perf_counter()
@@ -159,7 +157,7 @@ class Trainer:
             inputs, labels = next(batches)
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             t1 = time.perf_counter()
-            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k, eos_id=self.eos_id)
+            out = self.engine(inputs, n_loops=n_loops, backprop_depth=k, eos_id=self.eos_id, logits=False)
             loss, parts = self._loss(out, labels)
             self._sync(timed)
             t2 = time.perf_counter()
