@@ -32,7 +32,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
-    "gpu": ["flash-attn>=2.5"],
+    "gpu": ["flash-attn>=2.7", "liger-kernel>=0.5"],
 }
 
 # ---------------------------------------------------------------- the kernel extension (mythos_scale._C)

@@ -126,9 +126,10 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                z_loss_coef: float = 0.0, ignore_index: int = IGNORE_INDEX) -> LMLoss:
     """liger-kernel's fused Triton kernel (CUDA), same semantics as the chunked path."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    total, z = liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                                ignore_index=ignore_index, lse_square_scale=z_loss_coef,
-                                                return_z_loss=True)
+    result = liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                              ignore_index=ignore_index, lse_square_scale=z_loss_coef,
+                                              return_z_loss=True)
+    total, z = result[0], result[1]  # (loss incl. z-loss, z-loss); later versions may append more
     z = z if z is not None else total.new_zeros(())
     return LMLoss(total, (total - z).detach(), z.detach())
 
