@@ -117,3 +117,26 @@ def test_kernel_choice_falls_back_with_one_warning(caplog):
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "falls back to SDPA" in warnings[0].getMessage()
     assert any("kernel on cpu: sdpa" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU (launch/gpu_check.sh runs it on one)")
+def test_flash_matches_sdpa_on_cuda():
+    """flash-attn's varlen kernel (MLA head sizes: q/k 96, V 64) against SDPA with the document
+    mask, bf16, forward and backward.  Fails, not skips, on a GPU without flash-attn."""
+    assert resolve_attention_kernel("flash", "cuda") == "flash", "flash-attn is not installed"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(2, 64, (2, 512), device="cuda", generator=gen)
+    tokens[0, [100, 300]] = EOS
+    tokens[1, 7] = EOS
+    ids = document_ids(tokens, EOS)
+    q, k = (torch.randn(2, 8, 512, 96, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    v = torch.randn(2, 8, 512, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    grad = torch.randn(2, 8, 512, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    results = []
+    for kernel in ("flash", "sdpa"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = document_attention(*leaves, DocumentLayout(ids, kernel), 96 ** -0.5)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for flash, sdpa in zip(*results):
+        torch.testing.assert_close(flash.float(), sdpa.float(), rtol=2e-2, atol=2e-2)

@@ -78,3 +78,21 @@ def test_chunked_peak_memory_is_lower_by_the_predicted_amount():
     saving = measured["full"] - measured["chunked"]
     assert saving == pytest.approx(predicted["full"] - predicted["chunked"], rel=0.02)
     assert measured["chunked"] < measured["full"] / 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU (launch/gpu_check.sh runs it on one)")
+def test_liger_matches_chunked_on_cuda():
+    """liger-kernel's fused linear cross-entropy against the chunked path, bf16 at the 770M vocab,
+    with ignore-index tokens and the z-loss.  Fails, not skips, on a GPU without liger-kernel."""
+    from mythos_scale.train.lm_loss import liger_available, liger_linear_cross_entropy
+    assert liger_available(), "liger-kernel is not installed"
+    hidden, weight, labels = problem(tokens=4096, dim=1536, vocab=32768, ignored=100)
+    hidden, weight = (t.detach().cuda().bfloat16().requires_grad_() for t in (hidden, weight))
+    weight.data.mul_(0.02)
+    labels = labels.cuda()
+    fused = loss_and_grads(liger_linear_cross_entropy, hidden, weight, labels, z_loss_coef=1e-4)
+    chunked = loss_and_grads(chunked_linear_cross_entropy, hidden, weight, labels, chunk=1024, z_loss_coef=1e-4)
+    torch.testing.assert_close(fused[0].total, chunked[0].total, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fused[0].z, chunked[0].z, rtol=1e-2, atol=1e-5)
+    for a, b in ((fused[1], chunked[1]), (fused[2], chunked[2])):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)
