@@ -43,7 +43,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5",
             "moto[server]>=5"],  # a local S3 endpoint for the object-store dataset tests
-    "gpu": ["flash-attn>=2.5"],
+    "gpu": ["flash-attn>=2.7", "liger-kernel>=0.5"],
 }
 
 # ---------------------------------------------------------------- the kernel extension (mythos_scale._C)

@@ -46,6 +46,10 @@ class AttentionConfig(_Strict):
     v_head_dim: int = Field(32, ge=1)
     n_kv_heads: int = Field(1, ge=1)  # GQA only
     rope_theta: float = Field(10000.0, gt=0)
+    # Packed sequences: a token attends only within its document (ended by the data's EOS token).
+    document_mask: bool = True
+    # Document-masked attention: flash-attn's varlen kernel on CUDA when installed (auto), or SDPA.
+    kernel: Literal["auto", "flash", "sdpa"] = "auto"
 
 
 class MoEConfig(_Strict):
@@ -229,6 +233,9 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
     z_loss_coef: float = Field(0.0, ge=0)
+    # LM head + cross-entropy over this many tokens at a time (never the full fp32 logits; on CUDA
+    # liger-kernel's fused kernel when installed); 0: the full logits at once.
+    loss_chunk_tokens: int = Field(2048, ge=0)
     # ZeRO-3 is refused: the looped core reads shared weights outside module hooks (tied head,
     # stacked experts, injection), which stage 3's parameter gathering does not see.
     zero_stage: int = Field(1, ge=1, le=2)

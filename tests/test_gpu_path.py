@@ -134,7 +134,7 @@ def test_770m_forward_at_4096_in_bf16_on_fake_cuda(cfg, fake_gpu):
     checks = GpuPathChecks()
     with mode, checks:
         inputs, labels = (t.to("cuda") for t in fake_batch(cfg))
-        out = model(inputs, n_loops=3, backprop_depth=2)
+        out = model(inputs, n_loops=3, backprop_depth=2, eos_id=0)  # document mask on
         loss = training_loss(cfg, out, labels)
     assert out.logits.shape == (1, SEQ, cfg.model.vocab_size) and out.logits.dtype == torch.bfloat16
     assert loss.device.type == "cuda" and loss.requires_grad
@@ -263,6 +263,7 @@ def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_g
     layout = ParallelLayout(rank=0, world_size=1, local_rank=0, tp=1, ep=1, device=torch.device("cuda", 0))
     trainer = Trainer.__new__(Trainer)  # the collective methods need the layout, model and config only
     trainer.layout, trainer.engine, trainer.cfg = layout, model, cfg.model_copy(deep=True)
+    trainer.eos_id = 0  # packed documents: evaluation runs with the document mask
     trainer.cfg.train.eval_batches, trainer.cfg.train.loops.mean = 1, 1
     trainer.checkpointer = Checkpointer(tmp_path, trainer.cfg, layout)  # no save in flight
     checks = GpuPathChecks()

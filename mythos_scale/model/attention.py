@@ -15,17 +15,24 @@ import torch.nn.functional as F
 from mythos_scale.config import ModelConfig
 from mythos_scale.kernels import KernelDispatch
 from mythos_scale.model.cache import LayerCache
+from mythos_scale.model.doc_attention import DocumentLayout, document_attention
 from mythos_scale.model.layers import LoopLinear, RMSNorm, RotaryTable
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float,
+            docs: DocumentLayout | None = None) -> torch.Tensor:
     """SDPA over (B, H, S, *) queries and (B, H or 1, L, *) keys/values, causal at offset ``start_pos``.
 
     Values narrower than the queries (MLA: v_head_dim < qk head dim) are zero-padded to the query
     width and the output sliced back: the flash kernels (CPU and CUDA) need equal head dims, and
     without them SDPA falls back to a slower path that materializes the causal mask.
+    ``docs`` (no cache): mask packed documents from each other (:mod:`~mythos_scale.model.doc_attention`).
     """
     seq, ctx = q.shape[2], k.shape[2]
+    if docs is not None and seq == ctx:
+        if k.shape[1] != q.shape[1]:
+            k, v = k.expand(-1, q.shape[1], -1, -1), v.expand(-1, q.shape[1], -1, -1)
+        return document_attention(q, k, v, docs, scale)
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
@@ -93,7 +100,8 @@ class MLA(nn.Module):
         return k_rope
 
     def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None,
-                cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
+                cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         cos, sin = rope(start_pos, seq)
         q = self._query(x, loop).view(bsz, seq, -1, self.nope_dim + self.rope_dim)
@@ -120,7 +128,7 @@ class MLA(nn.Module):
             k_rope = self._shared_rope_key(k_rope).unsqueeze(2).expand(-1, -1, n_heads, -1)
             k = torch.cat((k_nope, k_rope), dim=-1)
             query = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
-            out = _attend(query, k.transpose(1, 2), v.transpose(1, 2), start_pos, self.scale).transpose(1, 2)
+            out = _attend(query, k.transpose(1, 2), v.transpose(1, 2), start_pos, self.scale, docs).transpose(1, 2)
         return self.wo(out.reshape(bsz, seq, n_heads * self.v_dim), loop)
 
 
@@ -143,7 +151,8 @@ class GQA(nn.Module):
         self.wo.is_output_projection = True
 
     def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None,
-                cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True) -> torch.Tensor:
+                cache: LayerCache | None = None, start_pos: int = 0, absorb: bool = True,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         cos, sin = rope(start_pos, seq)
         q = self.kernels.apply_rope(self.wq(x, loop).view(bsz, seq, -1, self.head_dim), cos, sin)
@@ -154,7 +163,8 @@ class GQA(nn.Module):
         group = q.shape[2] // k.shape[2]
         k = k.repeat_interleave(group, dim=2) if group > 1 else k
         v = v.repeat_interleave(group, dim=2) if group > 1 else v
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos, self.head_dim ** -0.5)
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), start_pos, self.head_dim ** -0.5,
+                      docs)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1), loop)
 
 

@@ -21,6 +21,11 @@ API (what ``mythos eval`` / ``mythos generate`` build on)::
   (None: all T carry gradient).  With ``cfg.activation_checkpointing`` each grad-carrying
   iteration is checkpointed, so activation memory grows with k, not T.  ACT halts and charges
   its ponder cost only in those k iterations, where the gradient flows.
+- ``eos_id`` (training / validation on packed data): with ``model.attention.document_mask`` a token
+  attends only within its own document (documents end at ``eos_id``); ignored with a cache and by
+  the adaptive (ACT / KL-exit) inference loop, which see whole rows as one text.
+- ``logits=False`` (training): no logits; ``out.hidden`` holds the final-norm states for a loss
+  that applies :attr:`MythosModel.head_weight` itself (``train.loss_chunk_tokens``).
 - ``cache`` / ``start_pos``: incremental decoding.  ``cache = model.new_cache(batch_size)``, then
   ``model(prompt, T, cache=cache)`` and ``model(next_tokens, T, cache=cache, start_pos=n)`` with
   the same T; the logits equal those of one full forward over the whole sequence (with an ACT
@@ -77,6 +82,7 @@ from mythos_scale.config import ModelConfig
 from mythos_scale.kernels import KernelDispatch, select_kernels
 from mythos_scale.model.attention import build_attention
 from mythos_scale.model.cache import KVCache
+from mythos_scale.model.doc_attention import DocumentLayout, build_document_layout
 from mythos_scale.model.layers import DenseFFN, LoopLinear, RMSNorm, RotaryTable
 from mythos_scale.model.moe import MoE, RoutedExperts
 from mythos_scale.model.recompute import replayed_in_recompute
@@ -88,11 +94,12 @@ class ModelOutput:
     """``moe_aux_loss`` and ``ponder_cost`` are already scaled by their config coefficients
     (zero tensors when unused); ``stats`` holds detached tensors for logging."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when called with logits=False
     moe_aux_loss: torch.Tensor
     ponder_cost: torch.Tensor
     loops_used: torch.Tensor  # (batch, seq) int64: loop iterations each position ran
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # logits=False: the final-norm states the LM head reads
 
 
 class _LoopRun(NamedTuple):
@@ -120,12 +127,12 @@ class Block(nn.Module):
             self.ffn_post_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: RotaryTable, loop: int | None = None, kv=None, start_pos: int = 0,
-                absorb: bool = True, normed: torch.Tensor | None = None,
+                absorb: bool = True, normed: torch.Tensor | None = None, docs: DocumentLayout | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``kv``: this attention's cache (a LayerCache or a stand-in) or None; ``normed``: the
         attention input ``attn_norm(x)`` when already computed (the fused injection does).
         Returns ``(x, moe_aux_loss, expert_counts)``; the last two are None for a dense FFN."""
-        a = self.attn(self.attn_norm(x) if normed is None else normed, rope, loop, kv, start_pos, absorb)
+        a = self.attn(self.attn_norm(x) if normed is None else normed, rope, loop, kv, start_pos, absorb, docs)
         x = x + (self.attn_post_norm(a) if self.sandwich else a)
         aux = counts = None
         if isinstance(self.ffn, MoE):
@@ -221,19 +228,24 @@ class MythosModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (vocab, dim) weight: the embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return F.linear(self.norm(x), self.head_weight)
 
     @staticmethod
     def _kv(cache: KVCache | None, key: tuple, rows: torch.Tensor | None = None):
         return cache.layer(key).select(rows) if cache is not None else None
 
     def _dense_stack(self, x: torch.Tensor, blocks: nn.ModuleList, part: str, cache: KVCache | None,
-                     start_pos: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+                     start_pos: int, rows: torch.Tensor | None = None, docs: DocumentLayout | None = None,
+                     ) -> torch.Tensor:
         absorb = cache.absorb if cache is not None else True
         for i, block in enumerate(blocks):
-            x, _, _ = block(x, self.rope, None, self._kv(cache, (part, i), rows), start_pos, absorb)
+            x, _, _ = block(x, self.rope, None, self._kv(cache, (part, i), rows), start_pos, absorb, docs=docs)
         return x
 
     def _coda_logits(self, h: torch.Tensor, cache: KVCache | None, start_pos: int,
@@ -241,7 +253,8 @@ class MythosModel(nn.Module):
         return self._head(self._dense_stack(h, self.coda, "coda", cache, start_pos, rows))
 
     def _iterate(self, h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop: int, kv: list | None,
-                 start_pos: int, absorb: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 start_pos: int, absorb: bool = True, docs: DocumentLayout | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One loop iteration ``h -> z + Core(z)``, ``z = A_bar h + B_bar e + loop_emb(t)``: the injection
         is fused with the first block's attention pre-norm; ``z`` itself is not normalized.  ``kv``:
         one cache (or stand-in) per core layer, or None.
@@ -253,7 +266,7 @@ class MythosModel(nn.Module):
         counts = []
         for i, block in enumerate(self.core):
             x, block_aux, block_counts = block(x, self.rope, loop, kv[i] if kv is not None else None, start_pos,
-                                               absorb, normed if i == 0 else None)
+                                               absorb, normed if i == 0 else None, docs)
             if block_aux is not None:
                 aux = aux + block_aux
                 counts.append(block_counts)
@@ -261,7 +274,8 @@ class MythosModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, backprop_depth: int | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None,
-                act: bool = True, with_stats: bool = True) -> ModelOutput:
+                act: bool = True, with_stats: bool = True, eos_id: int | None = None,
+                logits: bool = True) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         n_loops = self.default_loops if n_loops is None else n_loops
@@ -281,22 +295,28 @@ class MythosModel(nn.Module):
         if cache is not None:
             cache.bind_loops(n_loops)
 
-        e = self.prelude_norm(self._dense_stack(self.embed(input_ids), self.prelude, "prelude", cache, start_pos))
+        docs = (build_document_layout(input_ids, eos_id, self.cfg.attention.kernel)
+                if eos_id is not None and self.cfg.attention.document_mask and cache is None else None)
+        e = self.prelude_norm(self._dense_stack(self.embed(input_ids), self.prelude, "prelude", cache, start_pos,
+                                                docs=docs))
         e_inj = self.injection.inject(e).to(e.dtype)
         a_bar = self.injection.a_bar()
         halting = self.halting if act else None
         if not self.training and (halting is not None or exit_threshold is not None):
             run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), n_loops, cache, start_pos, exit_threshold, halting)
         else:
-            run = self._loops(e, e_inj, a_bar.to(e.dtype), n_loops, backprop_depth, cache, start_pos, halting, with_stats)
+            run = self._loops(e, e_inj, a_bar.to(e.dtype), n_loops, backprop_depth, cache, start_pos, halting, with_stats,
+                              docs)
         stats = dict(run.stats, rho_a_bar=a_bar.detach().max(), mean_loops=run.loops_used.float().mean())
         with torch.no_grad():
             if with_stats and run.out.shape[1] > 1:
                 stats["state_token_cos"] = F.cosine_similarity(run.out[:, 1:].float(), run.out[:, :-1].float(),
                                                                dim=-1).mean()
         moe_aux_loss = run.moe_aux / max(1, backprop_depth * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
-        return ModelOutput(logits=self._coda_logits(run.out, cache, start_pos), moe_aux_loss=moe_aux_loss,
-                           ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats)
+        hidden = self.norm(self._dense_stack(run.out, self.coda, "coda", cache, start_pos, docs=docs))
+        return ModelOutput(logits=F.linear(hidden, self.head_weight) if logits else None, moe_aux_loss=moe_aux_loss,
+                           ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats,
+                           hidden=None if logits else hidden)
 
     def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
         std = self.cfg.injection.state_init_std
@@ -305,7 +325,8 @@ class MythosModel(nn.Module):
         return torch.zeros_like(e)
 
     def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, n_loops: int, backprop_depth: int,
-               cache: KVCache | None, start_pos: int, halting: HaltingUnit | None, with_stats: bool = True) -> _LoopRun:
+               cache: KVCache | None, start_pos: int, halting: HaltingUnit | None, with_stats: bool = True,
+               docs: DocumentLayout | None = None) -> _LoopRun:
         """All positions run all ``n_loops`` iterations (training, and inference without early exit).
         ``with_stats``: compute the per-iteration statistics (fp32 passes over the full states).
 
@@ -327,11 +348,11 @@ class MythosModel(nn.Module):
             with torch.set_grad_enabled(outer_grad and carries_grad):
                 if self.cfg.activation_checkpointing and torch.is_grad_enabled() and cache is None:
                     h_next, aux, counts = checkpoint(replayed_in_recompute(self._iterate), h, e_inj, a_bar, t,
-                                                     None, start_pos, use_reentrant=False)
+                                                     None, start_pos, True, docs, use_reentrant=False)
                 else:
                     kv = ([self._kv(cache, ("core", t, i)) for i in range(len(self.core))]
                           if cache is not None else None)
-                    h_next, aux, counts = self._iterate(h, e_inj, a_bar, t, kv, start_pos, absorb)
+                    h_next, aux, counts = self._iterate(h, e_inj, a_bar, t, kv, start_pos, absorb, docs)
                 if carries_grad:
                     aux_total = aux_total + aux
                 if act is not None and t >= act_start:

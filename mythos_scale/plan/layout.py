@@ -75,6 +75,7 @@ class Runtime:
     reduce_bucket_size: int           # elements of DeepSpeed's gradient bucket
     multi_rank_bucket_allreduce: bool  # DeepSpeed all-reduces gradient buckets (else reduces to owners)
     overlap_comm: bool                # DeepSpeed reduces gradients on a side stream during backward
+    loss_chunk_tokens: int = 0        # train.loss_chunk_tokens: 0 = full logits
 
     @classmethod
     def from_config(cls, cfg: Config, device: str = "cuda", fused_kernels: bool | None = None) -> Runtime:
@@ -92,7 +93,8 @@ class Runtime:
                    reduce_bucket_size=int(zero["reduce_bucket_size"]),
                    multi_rank_bucket_allreduce=bool(zero.get("use_multi_rank_bucket_allreduce",
                                                              DS_MULTI_RANK_BUCKET_ALLREDUCE)),
-                   overlap_comm=bool(zero["overlap_comm"]))
+                   overlap_comm=bool(zero["overlap_comm"]),
+                   loss_chunk_tokens=cfg.train.loss_chunk_tokens)
 
 
 def layout_problems(cfg: Config, layout: Layout, gpus_per_node: int | None = None) -> list[str]:

@@ -28,7 +28,9 @@ code; :func:`saved_bytes_per_token` lists them):
   iterations keep everything;
 - the logits (N x V, compute dtype) live through the whole backward (the step holds the model
   output), the loss keeps log_softmax in fp32 (N x V x 4; the z-loss also the fp32 logits), and
-  its backward briefly holds two more fp32 N x V gradients;
+  its backward briefly holds two more fp32 N x V gradients; with ``train.loss_chunk_tokens`` (the
+  default) none of these: the chunked loss holds one chunk's logits at a time and stores the
+  gradients of the states (N x D) and of the head weight (V x D fp32) (:func:`loss_peak_bytes`);
 - MoE dispatch buffers: the expert-sorted copies of the top-k token rows (N k D), the experts'
   hidden activations (N k expert_hidden each) and the sorted and gate-weighted outputs.
 
@@ -139,10 +141,27 @@ def saved_bytes_per_token(cfg: ModelConfig, rt: Runtime) -> dict[str, float]:
         "injection": 2 * d * FP32,                # B_bar e: its fp32 input and the linear's output
         "injected": d * b,                        # B_bar e as every iteration reads it
         "head": _norm(d, rt) + d * b + INT64,     # final norm, its output, the targets
-        "logits": v * b,
-        "loss": v * FP32 + (v * FP32 if rt.z_loss and b != FP32 else 0),
-        "loss_backward": 2 * v * FP32 + (v * FP32 if rt.z_loss else 0),
+        "logits": 0 if rt.loss_chunk_tokens else v * b,
+        # chunked: the hidden states' gradient, computed in the loss forward, and its scaled copy
+        "loss": d * b if rt.loss_chunk_tokens else v * FP32 + (v * FP32 if rt.z_loss and b != FP32 else 0),
+        "loss_backward": d * b if rt.loss_chunk_tokens else 2 * v * FP32 + (v * FP32 if rt.z_loss else 0),
     }
+
+
+def loss_peak_bytes(cfg: ModelConfig, rt: Runtime, n_tokens: int) -> float:
+    """The LM head + loss's own peak over a micro-batch of ``n_tokens`` (beyond its input states):
+    full logits, or (``rt.loss_chunk_tokens``) the chunked loss's per-token gradient of the states
+    plus the head weight's fp32 gradient it stores and the larger of one chunk's logits (fp32, and
+    in bf16 the linear's output / the gradient's cast) and the backward's scaled copies."""
+    a = saved_bytes_per_token(cfg, rt)
+    per_token = n_tokens * (a["logits"] + a["loss"] + a["loss_backward"])
+    if not rt.loss_chunk_tokens:
+        return per_token
+    b, v, d = rt.compute_bytes, cfg.vocab_size, cfg.dim
+    narrow = b if b != FP32 else 0
+    chunk_logits = min(rt.loss_chunk_tokens, n_tokens) * v * (FP32 + narrow)
+    return per_token - n_tokens * a["loss_backward"] + v * d * FP32 + max(
+        chunk_logits, n_tokens * a["loss_backward"] + v * d * (FP32 + narrow))
 
 
 def _backward_workspace(cfg: ModelConfig, rt: Runtime) -> float:
@@ -233,15 +252,15 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_
     block_work = iteration / cfg.core_layers          # the live tensors of one block's forward
     before_core = (a["embedding"] + cfg.prelude_layers * a["dense_block"] + a["injection"]
                    + (a["injected"] if ckpt else 0))   # held by the checkpoints as their input
-    after_core = a["state"] + cfg.coda_layers * a["dense_block"] + a["head"] + a["loss"]
+    after_core = a["state"] + cfg.coda_layers * a["dense_block"] + a["head"]
     held_logits = a["logits"]                         # the step holds the model output
     prev_logits = a["logits"] if layout.grad_accum > 1 else 0
 
     peaks = {
         "forward": base + accumulated + n * (before_core + k * per_grad_iteration + a["state"] + block_work
                                              + prev_logits),
-        "loss_backward": base + accumulated + n * (before_core + k * per_grad_iteration + after_core
-                                                   + held_logits + a["loss_backward"]),
+        "loss_backward": base + accumulated + n * (before_core + k * per_grad_iteration + after_core)
+        + loss_peak_bytes(cfg, rt, n),
         "core_backward": base + bucket + grads_in_backward
         + n * (before_core + (k - 1) * per_grad_iteration + iteration + held_logits
                + _backward_workspace(cfg, rt)) if k else 0.0,
@@ -250,6 +269,6 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, rt: Runtime, kv_bytes_per_
         "optimizer_step": base + grads_shard + step_transient + n * held_logits,
     }
     activations = {name: value * n for name, value in a.items()}
-    activations["kept_after_forward"] = n * (before_core + k * per_grad_iteration + after_core)
+    activations["kept_after_forward"] = n * (before_core + k * per_grad_iteration + after_core + a["loss"])
     return Memory(static=static, peaks=peaks, activations=activations,
                   kv_cache_bytes_per_sequence=kv_bytes_per_token * layout.seq_len)

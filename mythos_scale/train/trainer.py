@@ -37,6 +37,7 @@ from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.parallel.precision import refresh_fp32_values, uses_bf16
 from mythos_scale.parallel.replicas import replica_drift
 from mythos_scale.plan import plan_model
+from mythos_scale.train.lm_loss import lm_head_loss
 from mythos_scale.train.loops import sample_loops, step_backprop_depth
 from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
 from mythos_scale.train.metrics_log import MetricsLogger
@@ -68,6 +69,7 @@ class Trainer:
                            vocab_size=cfg.model.vocab_size)
         self.train_loader = build_train_loader(cfg.data, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
+        self.eos_id = self.train_loader.sources[0].manifest.eos_id  # document boundaries (one tokenizer)
 
         seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
@@ -134,15 +136,12 @@ class Trainer:
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
 
     def _loss(self, out, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = out.logits.float()
-        lm = self._lm_loss(logits, labels)
-        parts = {"lm_loss": lm, "moe_aux_loss": out.moe_aux_loss, "ponder_cost": out.ponder_cost}
-        loss = lm + out.moe_aux_loss + out.ponder_cost
-        if self.cfg.train.z_loss_coef:
-            z = self.cfg.train.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-            parts["z_loss"] = z
-            loss = loss + z
-        return loss, parts
+        t = self.cfg.train
+        lm = lm_head_loss(out.hidden, self.model.head_weight, labels, t.loss_chunk_tokens, t.z_loss_coef)
+        parts = {"lm_loss": lm.lm, "moe_aux_loss": out.moe_aux_loss, "ponder_cost": out.ponder_cost}
+        if t.z_loss_coef:
+            parts["z_loss"] = lm.z
+        return lm.total + out.moe_aux_loss + out.ponder_cost, parts
 
     def train_step(self, batches, logged: bool = True) -> dict[str, float]:
         """One optimizer step.  ``logged``: a logging step, whose phases are timed and whose model
@@ -164,7 +163,7 @@ class Trainer:
             inputs, labels = next(batches)
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             t1 = time.perf_counter()
-            out = self.engine(inputs, n_loops=n_loops, backprop_depth=backprop_depth,
+            out = self.engine(inputs, n_loops=n_loops, backprop_depth=backprop_depth, eos_id=self.eos_id, logits=False,
                               with_stats=logged and micro == self.grad_accum - 1)  # the last one's are logged
             loss, parts = self._loss(out, labels)
             self._sync(timed)
@@ -270,7 +269,8 @@ class Trainer:
                 break
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             for tag, n_loops in tags.items():
-                totals[tag] += self._lm_loss(self.engine(inputs, n_loops=n_loops).logits.float(), labels)
+                totals[tag] += self._lm_loss(self.engine(inputs, n_loops=n_loops, eos_id=self.eos_id).logits.float(),
+                                             labels)
             count += 1
         self.engine.train()
         *sums, batches = sum_over_ranks([*totals.values(), float(count)], self.layout.device)
