@@ -31,7 +31,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "wandb>=0.17"],
+    "wandb": ["wandb>=0.17"],
     "gpu": ["flash-attn>=2.5"],
 }
 

@@ -213,6 +213,16 @@ class CheckpointConfig(_Strict):
     write_limit_mb_s: float = Field(0.0, ge=0)
 
 
+class WandbConfig(_Strict):
+    """Weights & Biases on the main rank, beside TensorBoard (see mythos_scale.train.wandb_log)."""
+
+    project: str = "mythos_scale"
+    entity: str | None = None
+    name: str | None = None  # the W&B run's display name; None: train.name
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: list[str] = []
+
+
 class TrainConfig(_Strict):
     name: str = "mythos"
     out_dir: str = "runs"
@@ -251,6 +261,7 @@ class TrainConfig(_Strict):
     # step 0 instead of refusing; what the folder held is moved to previous/<time>/.  Has no
     # effect while a usable checkpoint exists (a requeued job keeping this set loses nothing).
     restart: bool = False
+    wandb: WandbConfig | None = None  # None: no W&B (TensorBoard and metrics.jsonl always)
 
 
 class ParallelConfig(_Strict):

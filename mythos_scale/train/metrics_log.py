@@ -4,7 +4,8 @@ Every optimizer step gives one *row* (``train/*``, ``loops/*``, ``time/*``, ``mo
 logging steps ``perf/*``, ``mem/*``, ``val/*``); a step may add *scalars* between rows (the
 checkpoint's ``ckpt/save_s``, ``ckpt/write_s``).  A backend is one class with ``row``,
 ``scalars`` and ``close``: :class:`JsonlHistory` (``metrics.jsonl``, one row per step, what
-resume truncates and the plots read) and :class:`TensorBoard` (``tb/``).  Only the main rank
+resume truncates and the plots read), :class:`TensorBoard` (``tb/``) and, with ``train.wandb``,
+:class:`~mythos_scale.train.wandb_log.WandB`.  Only the main rank
 has backends; every rank may call the logger.
 """
 
@@ -14,6 +15,8 @@ import json
 import logging
 import time
 from pathlib import Path
+
+from mythos_scale.config import Config
 
 log = logging.getLogger("mythos_scale.train")
 
@@ -74,11 +77,17 @@ class MetricsLogger:
         self.backends, self.console = backends, console
 
     @classmethod
-    def for_run(cls, run_dir: Path, main: bool, purge_step: int | None) -> MetricsLogger:
-        """The run's logger: ``tb/`` first (as before metrics.jsonl), then ``metrics.jsonl``; none
-        on other ranks than the main one."""
-        backends = [TensorBoard(run_dir / "tb", purge_step), JsonlHistory(run_dir / "metrics.jsonl")] if main else []
-        return cls(backends, console=main)
+    def for_run(cls, run_dir: Path, main: bool, purge_step: int | None, cfg: Config) -> MetricsLogger:
+        """The run's logger: ``tb/`` first (as before metrics.jsonl), then ``metrics.jsonl``, then
+        W&B when ``train.wandb`` is set; none on other ranks than the main one."""
+        if not main:
+            return cls([], console=False)
+        backends: list[MetricsBackend] = [TensorBoard(run_dir / "tb", purge_step), JsonlHistory(run_dir / "metrics.jsonl")]
+        if cfg.train.wandb is not None:
+            from mythos_scale.train.wandb_log import WandB
+
+            backends.append(WandB(cfg, run_dir))
+        return cls(backends, console=True)
 
     def row(self, step: int, max_steps: int, metrics: dict[str, float], console: bool) -> None:
         """The step's row to every backend; the console line on logging steps (``console``)."""

@@ -42,6 +42,7 @@ from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
 from mythos_scale.train.run_folder import RunFolder
 from mythos_scale.train.stop_signals import sigterm_age_s, stop_requested
+from mythos_scale.train.wandb_log import check_wandb_installed
 
 log = logging.getLogger("mythos_scale.train")
 
@@ -60,6 +61,7 @@ class Trainer:
         self.run_dir = Path(t.out_dir).expanduser() / t.name
         self.checkpointer = Checkpointer(self.run_dir, cfg, layout)
         self.run_folder = RunFolder(self.run_dir, cfg, layout)
+        check_wandb_installed(cfg)
         self.resume_tag = self.run_folder.check(self.checkpointer)
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
@@ -274,7 +276,8 @@ class Trainer:
             self._resume(self.resume_tag)
         self.run_folder.claim(resumed, self.step)
         # On resume, TensorBoard hides what an earlier attempt logged after the checkpoint.
-        self.metrics = MetricsLogger.for_run(self.run_dir, self.layout.is_main, self.step + 1 if resumed else None)
+        self.metrics = MetricsLogger.for_run(self.run_dir, self.layout.is_main, self.step + 1 if resumed else None,
+                                             self.cfg)
         self._log_start()
         batches = iter(self.train_loader)
         last_step = t.max_steps if not t.exit_after_steps else min(t.max_steps, self.step + t.exit_after_steps)
