@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from wandb_records import history, run_info
 
 from conftest import run_train
@@ -27,9 +29,11 @@ def _tensorboard(run: Path) -> dict[str, dict[int, float]]:
 def test_wandb_offline_holds_the_tensorboard_scalars_and_keeps_its_id_on_resume(tmp_path, tiny_dataset):
     args = [_data(tiny_dataset), "train.name=r", "train.max_steps=5", "train.checkpoint.every=2",
             "train.wandb.mode=offline", "train.wandb.tags=[tiny, cpu]"]
-    run_train(tmp_path, [*args, "train.exit_after_steps=3"])
+    first = run_train(tmp_path, [*args, "train.exit_after_steps=3"])
     run_train(tmp_path, args)  # resumes from step 3
     run = tmp_path / "r"
+    # the console line: tokens seen (4 x 32 per step), the ETA to max_steps, the process's memory
+    assert re.search(r"step 3/5 \| .* \| 384 tok \| ETA \d+s \| rss \d+\.\d\d GiB \(\d+%\)", first.stderr), first.stderr[-2000:]
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2, files
     (first_id, tags), (second_id, _) = run_info(files[0]), run_info(files[1])
@@ -42,7 +46,7 @@ def test_wandb_offline_holds_the_tensorboard_scalars_and_keeps_its_id_on_resume(
             logged.setdefault(step, {}).update(values)
     assert sorted(logged) == [1, 2, 3, 4, 5]
     board = _tensorboard(run)
-    assert {"train/loss", "perf/tokens_per_s", "mem/gib", "ckpt/save_s"} <= set(board)
+    assert {"train/loss", "perf/tokens_per_s", "mem/rss_gib", "ckpt/save_s"} <= set(board)
     compared = 0
     for tag, points in board.items():
         for step, value in points.items():
@@ -50,6 +54,9 @@ def test_wandb_offline_holds_the_tensorboard_scalars_and_keeps_its_id_on_resume(
             assert np.float32(logged[step][tag]) == np.float32(value), (tag, step, logged[step][tag], value)
             compared += 1
     assert compared == sum(len(v) for v in logged.values())  # and W&B holds nothing TensorBoard lacks
+    for step in (3, 5):  # the ETA is the steps left at the interval's pace
+        assert board["perf/eta_s"][step] == pytest.approx((5 - step) * board["perf/step_s"][step], rel=1e-5)
+    assert 0 < board["mem/rss_pct"][5] < 100 and board["mem/rss_gib"][5] > 0.1
 
 
 def test_wandb_without_the_package_is_refused_at_start_up(monkeypatch):
@@ -65,3 +72,37 @@ def test_wandb_without_the_package_is_refused_at_start_up(monkeypatch):
     with pytest.raises(ConfigError, match="train.wandb is set but the wandb package is not installed"):
         check_wandb_installed(cfg)
     check_wandb_installed(load_config(overrides=["train.wandb.mode=disabled"]))  # disabled needs no package
+
+
+def test_cuda_memory_is_read_then_reset_each_interval(monkeypatch):
+    """The CUDA branch of memory_metrics, on torch.cuda's own functions replaced (no GPU here):
+    it reads the interval's peaks and retries, then resets both kinds of counters, in that order."""
+    from mythos_scale.train.metrics import memory_metrics
+
+    calls = []
+    stats = {"allocated_bytes.all.peak": 3 * 2 ** 30, "reserved_bytes.all.peak": 4 * 2 ** 30,
+             "num_alloc_retries": 2, "num_ooms": 0, "allocated_bytes.all.current": 2 ** 30}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: calls.append("read") or stats)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 16 * 2 ** 30}))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append("reset_peak"))
+    monkeypatch.setattr(torch.cuda, "reset_accumulated_memory_stats", lambda device: calls.append("reset_accumulated"))
+    got = memory_metrics(torch.device("cuda", 0))
+    assert got == {"mem/allocated_gib": 3.0, "mem/reserved_gib": 4.0, "mem/reserved_pct": 25.0,
+                   "mem/alloc_retries": 2, "mem/ooms": 0}
+    assert calls == ["read", "reset_peak", "reset_accumulated"]
+
+
+def test_console_line_formats(caplog):
+    from mythos_scale.train.metrics import format_count, format_duration
+    from mythos_scale.train.metrics_log import MetricsLogger
+
+    assert [format_duration(s) for s in (12, 185, 3720, 2 * 86400 + 3 * 3600 + 59, float("nan"))] == \
+        ["12s", "3m05s", "1h02m", "2d03h", "?"]
+    assert [format_count(n) for n in (950, 12_300, 4_560_000, 1.2e9)] == ["950", "12.3K", "4.56M", "1.2B"]
+    row = {"train/loss": 2.5, "train/lr": 1e-3, "train/grad_norm": 0.5, "loops/T": 4, "perf/tokens_per_s": 1e5,
+           "perf/mfu": 0.4, "perf/step_s": 1.0, "train/tokens_seen": 4.56e6, "perf/eta_s": 3720,
+           "train/skipped_steps": 0, "mem/allocated_gib": 60.0, "mem/reserved_gib": 70.2, "mem/reserved_pct": 50.1,
+           "mem/alloc_retries": 3, "mem/ooms": 0}
+    with caplog.at_level("INFO", logger="mythos_scale.train"):
+        MetricsLogger([], console=True).row(10, 100, row, console=True)
+    assert "| 4.56M tok | ETA 1h02m | mem 70.2 GiB (50%), 3 alloc retries" in caplog.text

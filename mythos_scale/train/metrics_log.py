@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mythos_scale.config import Config
+from mythos_scale.train.metrics import format_count, format_duration
 
 log = logging.getLogger("mythos_scale.train")
 
@@ -103,10 +104,16 @@ class MetricsLogger:
 
     @staticmethod
     def _console(step: int, max_steps: int, m: dict[str, float]) -> None:
-        """One line per logging interval: loss and T of its last step, throughput over all of it."""
-        log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | T %d | %.0f tok/s | MFU %.1f%% | %.2fs/step%s",
+        """One line per logging interval: loss and T of its last step, throughput, ETA and memory
+        over all of it (GPU: peak reserved, % of the device; CPU: resident, % of the machine)."""
+        memory = (f"mem {m['mem/reserved_gib']:.1f} GiB ({m['mem/reserved_pct']:.0f}%)"
+                  + (f", {int(m['mem/alloc_retries'])} alloc retries" if m["mem/alloc_retries"] else "")
+                  if "mem/reserved_gib" in m else f"rss {m['mem/rss_gib']:.2f} GiB ({m['mem/rss_pct']:.0f}%)")
+        log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | T %d | %.0f tok/s | MFU %.1f%% | %.2fs/step | "
+                 "%s tok | ETA %s | %s%s",
                  step, max_steps, m["train/loss"], m["train/lr"], m["train/grad_norm"], m["loops/T"],
-                 m["perf/tokens_per_s"], 100 * m["perf/mfu"], m["perf/step_s"],
+                 m["perf/tokens_per_s"], 100 * m["perf/mfu"], m["perf/step_s"], format_count(m["train/tokens_seen"]),
+                 format_duration(m["perf/eta_s"]), memory,
                  (f" | val {m['val/loss']:.4f}" if "val/loss" in m else "")
                  + (f" | skipped {int(m['train/skipped_steps'])}" if m["train/skipped_steps"] else ""))
 

@@ -36,7 +36,7 @@ from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed,
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.plan import plan_model
 from mythos_scale.train.loops import backprop_depth, sample_loops
-from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
+from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_metrics, peak_tflops
 from mythos_scale.train.metrics_log import MetricsLogger
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
@@ -231,7 +231,8 @@ class Trainer:
 
     def _throughput(self, steps: int, seconds: float, flops: float) -> dict[str, float]:
         """Throughput over a logging interval of ``steps`` steps and ``seconds`` of wall time
-        (evaluation and checkpointing included): what the console and ``perf/*`` report."""
+        (evaluation and checkpointing included), the ETA to train.max_steps at that pace, and the
+        interval's memory: what the console, ``perf/*`` and ``mem/*`` report."""
         tokens_per_s = steps * self.tokens_per_step / seconds
         tflops = flops / seconds / self.layout.world_size / 1e12
         if tflops > self.peak_tflops and self.layout.device.type == "cpu" and self.cfg.train.peak_tflops <= 0:
@@ -245,7 +246,8 @@ class Trainer:
         return {"perf/step_s": seconds / steps, "perf/tokens_per_s": tokens_per_s,
                 "perf/tokens_per_s_per_device": tokens_per_s / self.layout.world_size,
                 "perf/tflops_per_device": tflops, "perf/mfu": tflops / self.peak_tflops,
-                "mem/gib": memory_gib(self.layout.device)}
+                "perf/eta_s": (self.cfg.train.max_steps - self.step) * seconds / steps,
+                **memory_metrics(self.layout.device)}
 
     # ------------------------------------------------------------------ eval
 
