@@ -223,6 +223,24 @@ class WandbConfig(_Strict):
     tags: list[str] = []
 
 
+class ProfileConfig(_Strict):
+    """torch.profiler traces of optimizer steps start_step..end_step (1-based, as logged) on the
+    given ranks, under <run>/profile/ (see mythos_scale.train.profiling)."""
+
+    start_step: int = Field(1, ge=1)
+    end_step: int = Field(1, ge=1)
+    ranks: list[Annotated[int, Field(ge=0)]] = [0]
+    # CUDA only: record the allocator's history over the same steps and dump it as a snapshot
+    # (https://pytorch.org/memory_viz), and on an out-of-memory error inside them.
+    memory_snapshot: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> ProfileConfig:
+        _require(self.start_step <= self.end_step, "train.profile.end_step",
+                 f"({self.end_step}) is before train.profile.start_step ({self.start_step})")
+        return self
+
+
 class TrainConfig(_Strict):
     name: str = "mythos"
     out_dir: str = "runs"
@@ -262,6 +280,7 @@ class TrainConfig(_Strict):
     # effect while a usable checkpoint exists (a requeued job keeping this set loses nothing).
     restart: bool = False
     wandb: WandbConfig | None = None  # None: no W&B (TensorBoard and metrics.jsonl always)
+    profile: ProfileConfig | None = None  # None: no profiling
 
 
 class ParallelConfig(_Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -106,3 +107,31 @@ def test_console_line_formats(caplog):
     with caplog.at_level("INFO", logger="mythos_scale.train"):
         MetricsLogger([], console=True).row(10, 100, row, console=True)
     assert "| 4.56M tok | ETA 1h02m | mem 70.2 GiB (50%), 3 alloc retries" in caplog.text
+
+
+@pytest.mark.slow
+def test_profile_traces_only_the_configured_steps_and_ranks(tmp_path, tiny_dataset):
+    run_train(tmp_path, [_data(tiny_dataset), "train.name=r", "train.max_steps=4", "train.checkpoint.every=100",
+                         "train.profile={start_step: 2, end_step: 3, ranks: [1]}"], nproc=2)
+    profile = tmp_path / "r" / "profile"
+    assert sorted(str(p.relative_to(profile)) for p in profile.rglob("*") if p.is_file()) == \
+        ["rank_00001/step_00000002.json", "rank_00001/step_00000003.json"]
+    trace = json.loads((profile / "rank_00001" / "step_00000002.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "aten::mm" in names and "ProfilerStep" not in names  # one step's ops, the model's matmuls among them
+
+
+def test_profile_settings_out_of_order_or_outside_the_world_are_refused(tmp_path):
+    """Both refused at start-up (ConfigError: exit 2), before the run folder is made."""
+    from mythos_scale.config import ConfigError, load_config
+    from mythos_scale.parallel import ParallelLayout
+    from mythos_scale.train.profiling import StepProfiler
+
+    with pytest.raises(ConfigError, match=r"train.profile.end_step: \(2\) is before train.profile.start_step \(3\)"):
+        load_config(overrides=["train.profile={start_step: 3, end_step: 2}"])
+    settings = load_config(overrides=["train.profile={ranks: [0, 2]}"]).train.profile
+    two_ranks = ParallelLayout(rank=0, world_size=2, local_rank=0, tp=1, ep=1, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"train.profile.ranks: \[2\] not in a world of 2"):
+        StepProfiler(settings, tmp_path / "profile", two_ranks)
+    assert not StepProfiler(None, tmp_path / "profile", two_ranks).active
+    assert not any(tmp_path.iterdir())

@@ -40,6 +40,7 @@ from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory
 from mythos_scale.train.metrics_log import MetricsLogger
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
+from mythos_scale.train.profiling import StepProfiler
 from mythos_scale.train.run_folder import RunFolder
 from mythos_scale.train.stop_signals import sigterm_age_s, stop_requested
 from mythos_scale.train.wandb_log import check_wandb_installed
@@ -62,6 +63,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg, layout)
         self.run_folder = RunFolder(self.run_dir, cfg, layout)
         check_wandb_installed(cfg)
+        self.profiler = StepProfiler(t.profile, self.run_dir / "profile", layout)
         self.resume_tag = self.run_folder.check(self.checkpointer)
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
@@ -286,7 +288,8 @@ class Trainer:
         interval = ThroughputInterval()
         try:
             while self.step < last_step:
-                metrics = self.train_step(batches)
+                with self.profiler.step(self.step + 1):
+                    metrics = self.train_step(batches)
                 interval.add_step(self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"])))
                 if self.val_loader is not None and self.step % t.eval_every == 0:
                     metrics.update(self.evaluate())
