@@ -281,6 +281,9 @@ class TrainConfig(_Strict):
     restart: bool = False
     wandb: WandbConfig | None = None  # None: no W&B (TensorBoard and metrics.jsonl always)
     profile: ProfileConfig | None = None  # None: no profiling
+    # Start from another model's weights (a run folder, a checkpoint or an export folder): weights
+    # only, the optimizer, data order and step start fresh.  Not used once this run has a checkpoint.
+    init_from: str | None = None
 
 
 class ParallelConfig(_Strict):

@@ -35,6 +35,7 @@ from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.plan import plan_model
+from mythos_scale.train.init_from import init_from_weights
 from mythos_scale.train.loops import backprop_depth, sample_loops
 from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_metrics, peak_tflops
 from mythos_scale.train.metrics_log import MetricsLogger
@@ -73,6 +74,7 @@ class Trainer:
 
         seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
+        init_from_weights(model, cfg, resuming=self.resume_tag is not None, main=layout.is_main)
         self.engine = parallelize(model, cfg, layout, lambda m: build_optimizer(m, t))  # TP, EP, ZeRO
         self.model = self.engine.module
         self.grad_accum = self.engine.gradient_accumulation_steps()
