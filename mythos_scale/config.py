@@ -162,9 +162,19 @@ class DataSource(_Strict):
     weight: float = Field(1.0, gt=0)
 
 
+class DataStage(_Strict):
+    """From optimizer step ``start_step`` on, the training stream reads these sources instead."""
+
+    start_step: int = Field(ge=1)
+    sources: list[DataSource] = Field(min_length=1)
+
+
 class DataConfig(_Strict):
     # "embedded" = the default corpus (Python standard library sources), prepared on demand.
     sources: list[DataSource] = [DataSource(path="embedded")]
+    # Later data mixes (data.sources is the mix from step 0), in the order they start; a stage may
+    # be added on resume, starting at the resume step or later (see mythos_scale.data.stages).
+    stages: list[DataStage] = []
     val_path: str | None = None  # defaults to the val split of the first source
     cache_dir: str = "~/.cache/mythos_scale"
     seq_len: int = Field(256, ge=1)
@@ -175,6 +185,15 @@ class DataConfig(_Strict):
     # or "hash_once" (the xxh64 the first time, then again only for shards whose size or mtime
     # changed).  Remote shards are hashed on download.
     verify_shards: Literal["size", "hash", "hash_once"] = "size"
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> DataConfig:
+        for i in range(1, len(self.stages)):
+            before, this = self.stages[i - 1].start_step, self.stages[i].start_step
+            _require(this > before, f"data.stages.{i}.start_step",
+                     f"({this}) must be after data.stages.{i - 1}.start_step ({before}): list the stages in "
+                     f"the order they start")
+        return self
 
 
 # --------------------------------------------------------------------------- train

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -13,11 +16,12 @@ import torch.nn.functional as F
 from mythos_scale.checkpoint import read_model_state
 from mythos_scale.config import ConfigError, load_config
 from mythos_scale.data.loader import build_train_loader
+from mythos_scale.data.stages import build_staged_train_loader, stage_seed
 from mythos_scale.model import build_model
 from mythos_scale.train.init_from import init_from_weights
 from mythos_scale.train.loops import backprop_depth, sample_loops
 
-from conftest import REPO, TINY_TRAIN, run_train
+from conftest import REPO, TINY_TRAIN, run_train, subprocess_env
 
 
 def _data(dataset: Path) -> str:
@@ -102,3 +106,68 @@ def test_init_from_a_model_of_other_shapes_is_refused(tmp_path):
     cfg = load_config(overrides=[f"train.init_from={export}", "model.max_seq_len=32", "data.seq_len=32"])
     with pytest.raises(ConfigError, match=r"(?s)does not fit this run's model\.\* settings:\n  .*\(64,\) in the source"):
         init_from_weights(build_model(cfg.model, seed=0), cfg, resuming=False, main=False)
+
+
+@pytest.fixture(scope="module")
+def second_dataset(tiny_dataset, tmp_path_factory) -> Path:
+    """Another dataset (other stdlib modules) with the tiny dataset's tokenizer: a second mix."""
+    root = tmp_path_factory.mktemp("second")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("csv.py", "difflib.py", "fractions.py", "heapq.py", "copy.py", "calendar.py"):
+        (corpus / name).write_text((stdlib / name).read_text())
+    subprocess.run([sys.executable, "-m", "mythos_scale.cli", "data", "prepare", "--input", str(corpus),
+                    "--tokenizer", str(tiny_dataset.parent / "tokenizer.json"), "--seq-len", "32",
+                    "--out", str(root / "shards"), "--val-fraction", "0.25", "--workers", "1"],
+                   check=True, cwd=REPO, env=subprocess_env(), capture_output=True)
+    return root / "shards"
+
+
+def _by_step(run: Path, key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in _rows(run)}  # a resumed run's repeats: the last one
+
+
+@pytest.mark.slow
+def test_data_stage_switch_resumes_exactly_on_either_side_of_it(tmp_path, tiny_dataset, second_dataset):
+    stage = f"data.stages=[{{start_step: 3, sources: [{{path: '{second_dataset}'}}]}}]"
+    common = [_data(tiny_dataset), "train.name=r", "train.max_steps=6", "train.checkpoint.every=2"]
+    straight = run_train(tmp_path / "straight", [*common, stage])
+    assert "data stage 1 from step 3" in straight.stdout + straight.stderr
+    out_of_order = stage[:-1] + f", {{start_step: 2, sources: [{{path: '{tiny_dataset}'}}]}}]"
+    bad = run_train(tmp_path / "bad", [*common, out_of_order], check=False)
+    assert bad.returncode == 2 and "data.stages.1.start_step: (2) must be after" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    # Stopped at step 2 (before the switch; the stage not even configured yet: added on resume),
+    # then at step 4 (after it), then run to the end: the same losses and weights, bitwise.
+    stopped = tmp_path / "stopped"
+    run_train(stopped, [*common, "train.exit_after_steps=2"])
+    run_train(stopped, [*common, stage, "train.exit_after_steps=2"])
+    # a config whose stage 1 would have begun at step 2 does not continue the checkpoint's stream
+    moved = run_train(stopped, [*common, stage.replace("start_step: 3", "start_step: 2")], check=False)
+    assert moved.returncode == 2 and "inside a data stage that started at step 3" in moved.stderr, moved.stderr[-2000:]
+    run_train(stopped, [*common, stage])
+    assert _by_step(stopped / "r") == _by_step(tmp_path / "straight" / "r")
+    assert sorted(_by_step(stopped / "r")) == [1, 2, 3, 4, 5, 6]
+    final = read_model_state(stopped / "r" / "checkpoints" / "step_00000006")
+    reference = read_model_state(tmp_path / "straight" / "r" / "checkpoints" / "step_00000006")
+    assert all(torch.equal(final[n], reference[n]) for n in reference)
+
+    # what the stream holds: stage 0 as a run without stages, then the second dataset from its start
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [*TINY_TRAIN, *common, stage])
+    kw = dict(micro_batch_size=2, dp_rank=0, dp_world=1, vocab_size=512)
+    staged = build_staged_train_loader(cfg.data, global_batch_size=4, **kw)
+    got = [next(staged)[0] for _ in range(12)]  # 6 steps x 2 micro-batches
+    plain = build_train_loader(cfg.data.model_copy(update={"stages": []}), **kw)
+    second = build_train_loader(cfg.data.model_copy(update={"sources": cfg.data.stages[0].sources, "stages": [],
+                                                            "shuffle_seed": stage_seed(cfg.data.shuffle_seed, 1)}), **kw)
+    expected = [next(plain)[0] for _ in range(6)] + [next(second)[0] for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not torch.equal(got[6], next(plain)[0])
+
+
+def test_data_stages_out_of_order_are_refused():
+    with pytest.raises(ConfigError, match=r"data.stages.1.start_step: \(3\) must be after data.stages.0.start_step \(5\)"):
+        load_config(overrides=["data.stages=[{start_step: 5, sources: [{path: a}]}, {start_step: 3, sources: [{path: b}]}]"])
+    with pytest.raises(ConfigError, match=r"data.stages.0.start_step"):
+        load_config(overrides=["data.stages=[{start_step: 0, sources: [{path: a}]}]"])

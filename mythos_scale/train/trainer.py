@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from mythos_scale.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, seed_rng
 from mythos_scale.config import Config, ConfigError
-from mythos_scale.data.loader import build_train_loader, build_val_loader
+from mythos_scale.data.loader import build_val_loader
 from mythos_scale.data.manifest import DataError
+from mythos_scale.data.stages import build_staged_train_loader
 from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
@@ -69,7 +70,7 @@ class Trainer:
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
                            vocab_size=cfg.model.vocab_size)
-        self.train_loader = build_train_loader(cfg.data, **loader_args)
+        self.train_loader = build_staged_train_loader(cfg.data, global_batch_size=t.global_batch_size, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
 
         seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
