@@ -41,8 +41,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5",
+    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "wandb>=0.17",
             "moto[server]>=5"],  # a local S3 endpoint for the object-store dataset tests
+    "wandb": ["wandb>=0.17"],
     "gpu": ["flash-attn>=2.7", "liger-kernel>=0.5"],
 }
 

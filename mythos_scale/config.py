@@ -166,9 +166,19 @@ class DataSource(_Strict):
     weight: float = Field(1.0, gt=0)
 
 
+class DataStage(_Strict):
+    """From optimizer step ``start_step`` on, the training stream reads these sources instead."""
+
+    start_step: int = Field(ge=1)
+    sources: list[DataSource] = Field(min_length=1)
+
+
 class DataConfig(_Strict):
     # "embedded" = the default corpus (Python standard library sources), prepared on demand.
     sources: list[DataSource] = [DataSource(path="embedded")]
+    # Later data mixes (data.sources is the mix from step 0), in the order they start; a stage may
+    # be added on resume, starting at the resume step or later (see mythos_scale.data.stages).
+    stages: list[DataStage] = []
     val_path: str | None = None  # defaults to the val split of the first source
     cache_dir: str = "~/.cache/mythos_scale"
     seq_len: int = Field(256, ge=1)
@@ -179,6 +189,15 @@ class DataConfig(_Strict):
     # or "hash_once" (the xxh64 the first time, then again only for shards whose size or mtime
     # changed).  Remote shards are hashed on download.
     verify_shards: Literal["size", "hash", "hash_once"] = "size"
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> DataConfig:
+        for i in range(1, len(self.stages)):
+            before, this = self.stages[i - 1].start_step, self.stages[i].start_step
+            _require(this > before, f"data.stages.{i}.start_step",
+                     f"({this}) must be after data.stages.{i - 1}.start_step ({before}): list the stages in "
+                     f"the order they start")
+        return self
 
 
 # --------------------------------------------------------------------------- train
@@ -215,6 +234,34 @@ class CheckpointConfig(_Strict):
     # Cap on each rank's write rate in MB/s (0: none), e.g. to leave a shared file system's
     # bandwidth to the data loaders while a checkpoint is written in the background.
     write_limit_mb_s: float = Field(0.0, ge=0)
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases on the main rank, beside TensorBoard (see mythos_scale.train.wandb_log)."""
+
+    project: str = "mythos_scale"
+    entity: str | None = None
+    name: str | None = None  # the W&B run's display name; None: train.name
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: list[str] = []
+
+
+class ProfileConfig(_Strict):
+    """torch.profiler traces of optimizer steps start_step..end_step (1-based, as logged) on the
+    given ranks, under <run>/profile/ (see mythos_scale.train.profiling)."""
+
+    start_step: int = Field(1, ge=1)
+    end_step: int = Field(1, ge=1)
+    ranks: list[Annotated[int, Field(ge=0)]] = [0]
+    # CUDA only: record the allocator's history over the same steps and dump it as a snapshot
+    # (https://pytorch.org/memory_viz), and on an out-of-memory error inside them.
+    memory_snapshot: bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> ProfileConfig:
+        _require(self.start_step <= self.end_step, "train.profile.end_step",
+                 f"({self.end_step}) is before train.profile.start_step ({self.start_step})")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -263,6 +310,11 @@ class TrainConfig(_Strict):
     # step 0 instead of refusing; what the folder held is moved to previous/<time>/.  Has no
     # effect while a usable checkpoint exists (a requeued job keeping this set loses nothing).
     restart: bool = False
+    wandb: WandbConfig | None = None  # None: no W&B (TensorBoard and metrics.jsonl always)
+    profile: ProfileConfig | None = None  # None: no profiling
+    # Start from another model's weights (a run folder, a checkpoint or an export folder): weights
+    # only, the optimizer, data order and step start fresh.  Not used once this run has a checkpoint.
+    init_from: str | None = None
 
 
 class ParallelConfig(_Strict):

@@ -50,6 +50,9 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SRUN_CPUS_PER_TASK}
+# Expandable segments: the allocator grows segments instead of caching fixed blocks, so the varying
+# activation sizes of a varying loop count T fragment less (fewer alloc retries, see mem/*).
+export PYTORCH_ALLOC_CONF=${PYTORCH_ALLOC_CONF:-expandable_segments:True}
 export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$PWD/nccl_traces/$SLURM_JOB_ID/rank_}
 mkdir -p "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")"
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"

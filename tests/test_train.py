@@ -143,7 +143,7 @@ def test_tensorboard_events_hold_the_tags(straight_run):
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
                 "perf/tflops_per_device", "perf/mfu", "time/forward_s", "time/backward_s", "loops/T",
-                "mem/gib", "train/skipped_steps", "ckpt/save_s"):
+                "mem/rss_gib", "train/skipped_steps", "ckpt/save_s"):
         assert tag in tags, tag
     assert any(t.startswith("moe/") for t in tags) and any(t.startswith("model/") for t in tags)
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))

@@ -95,10 +95,52 @@ def peak_tflops(configured: float, device: torch.device, cache_dir: str | Path) 
     return cpu_peak_tflops(cache_dir)
 
 
-def memory_gib(device: torch.device) -> float:
+GIB = 2 ** 30
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """``mem/*`` of the logging interval ending now.  CUDA: the peaks of allocated and reserved
+    memory (and reserved as % of the device), the allocator's retries (a cudaMalloc that failed
+    and was retried after freeing its cache: fragmentation, a step from an OOM) and OOMs, all
+    since the previous call, whose counters are then reset.  CPU: this process's resident memory
+    (and % of the machine's)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return psutil.Process().memory_info().rss / 2 ** 30
+        stats = torch.cuda.memory_stats(device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_accumulated_memory_stats(device)
+        return cuda_memory_metrics(stats, total)
+    rss = psutil.Process().memory_info().rss
+    return {"mem/rss_gib": rss / GIB, "mem/rss_pct": 100 * rss / psutil.virtual_memory().total}
+
+
+def cuda_memory_metrics(stats: dict[str, int], device_bytes: int) -> dict[str, float]:
+    """``mem/*`` from ``torch.cuda.memory_stats`` (its keys) and the device's total memory."""
+    reserved = stats.get("reserved_bytes.all.peak", 0)
+    return {"mem/allocated_gib": stats.get("allocated_bytes.all.peak", 0) / GIB, "mem/reserved_gib": reserved / GIB,
+            "mem/reserved_pct": 100 * reserved / device_bytes, "mem/alloc_retries": stats.get("num_alloc_retries", 0),
+            "mem/ooms": stats.get("num_ooms", 0)}
+
+
+def format_duration(seconds: float) -> str:
+    """``2d03h``, ``1h02m``, ``3m05s``, ``12s``: an ETA on the console line."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(round(seconds))
+    days, hours, minutes = s // 86400, s // 3600 % 24, s // 60 % 60
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{s % 60:02d}s" if minutes else f"{s}s"
+
+
+def format_count(n: float) -> str:
+    """``950``, ``12.3K``, ``4.56M``, ``1.20B``, ``3.00T``: tokens seen on the console line."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
 
 
 class ThroughputInterval:

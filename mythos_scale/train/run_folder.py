@@ -25,7 +25,7 @@ from mythos_scale.parallel import ParallelLayout
 log = logging.getLogger("mythos_scale.train")
 
 # What a run leaves in its folder besides config.yaml; a fresh start moves these to previous/.
-RUN_OUTPUTS = ("metrics.jsonl", "tb", "plots", "checkpoints")
+RUN_OUTPUTS = ("metrics.jsonl", "tb", "wandb", "profile", "plots", "checkpoints")
 
 
 class RunFolder:

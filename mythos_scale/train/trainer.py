@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from mythos_scale.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, seed_rng
 from mythos_scale.config import Config, ConfigError
-from mythos_scale.data.loader import build_train_loader, build_val_loader
+from mythos_scale.data.loader import build_val_loader
 from mythos_scale.data.manifest import DataError
+from mythos_scale.data.stages import build_staged_train_loader
 from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
@@ -37,14 +38,17 @@ from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.parallel.precision import refresh_fp32_values, uses_bf16
 from mythos_scale.parallel.replicas import replica_drift
 from mythos_scale.plan import plan_model
+from mythos_scale.train.init_from import init_from_weights
 from mythos_scale.train.lm_loss import lm_head_loss
 from mythos_scale.train.loops import sample_loops, step_backprop_depth
-from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_gib, peak_tflops
+from mythos_scale.train.metrics import ThroughputInterval, keep_cpu_peak, memory_metrics, peak_tflops
 from mythos_scale.train.metrics_log import MetricsLogger
 from mythos_scale.train.optim import build_optimizer, lr_at
 from mythos_scale.train.plots import write_plots
+from mythos_scale.train.profiling import StepProfiler
 from mythos_scale.train.run_folder import RunFolder
 from mythos_scale.train.stop_signals import sigterm_age_s, stop_requested
+from mythos_scale.train.wandb_log import check_wandb_installed
 
 log = logging.getLogger("mythos_scale.train")
 
@@ -63,16 +67,19 @@ class Trainer:
         self.run_dir = Path(t.out_dir).expanduser() / t.name
         self.checkpointer = Checkpointer(self.run_dir, cfg, layout)
         self.run_folder = RunFolder(self.run_dir, cfg, layout)
+        check_wandb_installed(cfg)
+        self.profiler = StepProfiler(t.profile, self.run_dir / "profile", layout)
         self.resume_tag = self.run_folder.check(self.checkpointer)
 
         loader_args = dict(micro_batch_size=t.micro_batch_size, dp_rank=layout.dp_rank, dp_world=layout.dp,
                            vocab_size=cfg.model.vocab_size)
-        self.train_loader = build_train_loader(cfg.data, **loader_args)
+        self.train_loader = build_staged_train_loader(cfg.data, global_batch_size=t.global_batch_size, **loader_args)
         self.val_loader = build_val_loader(cfg.data, **loader_args) if t.eval_every else None
-        self.eos_id = self.train_loader.sources[0].manifest.eos_id  # document boundaries (one tokenizer)
+        self.eos_id = self.train_loader.eos_id  # document boundaries
 
         seed_rng(t.seed, layout.rank)  # restored from the checkpoint on resume in the same layout
         model = build_model(cfg.model, seed=t.seed)  # identical initial weights on every rank
+        init_from_weights(model, cfg, resuming=self.resume_tag is not None, main=layout.is_main)
         self.engine = parallelize(model, cfg, layout, lambda m: build_optimizer(m, t))  # TP, EP, ZeRO
         self.model = self.engine.module
         self.bf16 = uses_bf16(cfg, layout.device)
@@ -238,7 +245,8 @@ class Trainer:
 
     def _throughput(self, steps: int, seconds: float, flops: float) -> dict[str, float]:
         """Throughput over a logging interval of ``steps`` steps and ``seconds`` of wall time
-        (evaluation and checkpointing included): what the console and ``perf/*`` report."""
+        (evaluation and checkpointing included), the ETA to train.max_steps at that pace, and the
+        interval's memory: what the console, ``perf/*`` and ``mem/*`` report."""
         tokens_per_s = steps * self.tokens_per_step / seconds
         tflops = flops / seconds / self.layout.world_size / 1e12
         if tflops > self.peak_tflops and self.layout.device.type == "cpu" and self.cfg.train.peak_tflops <= 0:
@@ -252,7 +260,8 @@ class Trainer:
         return {"perf/step_s": seconds / steps, "perf/tokens_per_s": tokens_per_s,
                 "perf/tokens_per_s_per_device": tokens_per_s / self.layout.world_size,
                 "perf/tflops_per_device": tflops, "perf/mfu": tflops / self.peak_tflops,
-                "mem/gib": memory_gib(self.layout.device)}
+                "perf/eta_s": (self.cfg.train.max_steps - self.step) * seconds / steps,
+                **memory_metrics(self.layout.device)}
 
     # ------------------------------------------------------------------ eval
 
@@ -284,7 +293,8 @@ class Trainer:
             self._resume(self.resume_tag)
         self.run_folder.claim(resumed, self.step)
         # On resume, TensorBoard hides what an earlier attempt logged after the checkpoint.
-        self.metrics = MetricsLogger.for_run(self.run_dir, self.layout.is_main, self.step + 1 if resumed else None)
+        self.metrics = MetricsLogger.for_run(self.run_dir, self.layout.is_main, self.step + 1 if resumed else None,
+                                             self.cfg)
         self._log_start()
         batches = iter(self.train_loader)
         last_step = t.max_steps if not t.exit_after_steps else min(t.max_steps, self.step + t.exit_after_steps)
@@ -292,7 +302,8 @@ class Trainer:
         try:
             while self.step < last_step:
                 logged = (self.step + 1) % t.log_every == 0 or self.step + 1 == last_step
-                metrics = self.train_step(batches, logged)
+                with self.profiler.step(self.step + 1):
+                    metrics = self.train_step(batches, logged)
                 interval.add_step(self._step_flops(int(metrics["loops/T"]), int(metrics["loops/backprop_depth"])))
                 if self.val_loader is not None and self.step % t.eval_every == 0:
                     metrics.update(self.evaluate())
