@@ -33,6 +33,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5"],
     "gpu": ["flash-attn>=2.5"],
+    "hf": ["transformers>=4.45"],  # loading `mythos ckpt export --format hf` folders (the export needs none)
 }
 
 # ---------------------------------------------------------------- the kernel extension (mythos_scale._C)
@@ -140,6 +141,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mythos_scale", "mythos_scale.*"]),
+    package_data={"mythos_scale.eval": ["hf_remote/*.py"]},  # the HF export's remote-code templates
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mythos=mythos_scale.cli:main"]},
