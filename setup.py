@@ -41,9 +41,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "wandb>=0.17",
+    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "wandb>=0.17", "transformers>=4.45",
             "moto[server]>=5"],  # a local S3 endpoint for the object-store dataset tests
     "wandb": ["wandb>=0.17"],
+    "hf": ["transformers>=4.45"],  # loading `mythos ckpt export --format hf` folders (the export needs none)
     "gpu": ["flash-attn>=2.7", "liger-kernel>=0.5"],
 }
 
@@ -148,6 +149,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mythos_scale", "mythos_scale.*"]),
+    package_data={"mythos_scale.eval": ["hf_remote/*.py"]},  # the HF export's remote-code templates
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mythos=mythos_scale.cli:main"]},

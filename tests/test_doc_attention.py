@@ -13,13 +13,13 @@ from torch._subclasses import FakeTensorMode
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from mythos_scale.config import ModelConfig
+from mythos_scale.kernels.varlen import varlen_attention
 from mythos_scale.model import build_model
 from mythos_scale.model.doc_attention import (
     DocumentLayout,
     document_attention,
     document_ids,
     resolve_attention_kernel,
-    varlen_attention,
     varlen_metadata,
 )
 

@@ -3,11 +3,16 @@
     mythos ckpt inspect runs/tiny_cpu                  the newest usable checkpoint of a run
     mythos ckpt inspect runs/tiny_cpu/checkpoints/step_00000300 --json
     mythos ckpt export runs/tiny_cpu --out exported/tiny_cpu
+    mythos ckpt export runs/tiny_cpu --out hf/tiny_cpu --format hf --dtype bf16
+    mythos ckpt import-hf hf/tiny_cpu --out exported/from_hf
 
 inspect: step, tokens seen, the layout and ZeRO stage that wrote it, sizes, the model config.
 export: one consolidated model.safetensors (full logical tensors from any ZeRO stage and any
 DP/TP/EP layout), config.yaml and the run's tokenizer.json: `mythos eval --checkpoint` and
-`mythos generate --checkpoint` load it.  Exit status 2 for a path that is not a usable checkpoint.
+`mythos generate --checkpoint` load it.  --format hf: a folder transformers loads
+(AutoModelForCausalLM / AutoTokenizer, trust_remote_code=True, offline); import-hf turns such a
+folder back into an export (mythos eval / generate also read HF folders directly).
+Exit status 2 for a path that is not a usable checkpoint or HF folder.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="one model.safetensors + config.yaml + tokenizer.json")
     export.add_argument("path", help="a run folder, its checkpoints/ folder or one checkpoint")
     export.add_argument("--out", required=True, help="a new folder")
+    export.add_argument("--format", choices=["native", "hf"], default="native",
+                        help="hf: config.json, modeling code, tokenizer files, (sharded) safetensors")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype (--format hf)")
+    export.add_argument("--max-shard-mb", type=float, default=5000, help="shard size limit (--format hf)")
+    import_hf = sub.add_parser("import-hf", help="an HF folder (--format hf) back to an export")
+    import_hf.add_argument("path", help="a folder written by `mythos ckpt export --format hf`")
+    import_hf.add_argument("--out", required=True, help="a new folder")
     return parser
 
 
@@ -98,15 +110,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print_inspect(info)
             return EXIT_OK
-        from mythos_scale.eval.export import export_checkpoint
+        from mythos_scale.eval.export import export_checkpoint, import_hf
 
         start = time.perf_counter()
-        record = export_checkpoint(path, args.out)
+        if args.action == "import-hf":
+            record = import_hf(path, args.out)
+            print(f"{args.out}: {record['parameters']:,} parameters from {path} in {time.perf_counter() - start:.2f}s")
+            return EXIT_OK
+        hf = ({"dtype": args.dtype, "max_shard_bytes": int(args.max_shard_mb * 2**20)}
+              if args.format == "hf" else None)
+        record = export_checkpoint(path, args.out, hf)
     except ModelLoadError as exc:
         print(f"mythos ckpt: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    size = (Path(args.out) / "model.safetensors").stat().st_size
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"{args.out}: step {record['step']}, {record['parameters']:,} parameters, {size / 2**20:.1f} MiB "
-          f"model.safetensors{' + tokenizer.json' if record['tokenizer'] else ''} in "
+          f"{args.format} safetensors{' + tokenizer' if record['tokenizer'] else ''} in "
           f"{time.perf_counter() - start:.2f}s (read {record['read_s']:.2f}s)")
     return EXIT_OK

@@ -47,19 +47,25 @@ def verify_hashes(tag_dir: Path, files: dict[str, Any]) -> None:
 
 
 def write_export(out: Path, state: dict[str, torch.Tensor], cfg: Config, tokenizer_file: Path | None,
-                 record: dict[str, Any]) -> None:
-    """Write an exported folder: under a temporary name, renamed to ``out`` once complete."""
+                 record: dict[str, Any], hf: dict[str, Any] | None = None) -> None:
+    """Write an exported folder: under a temporary name, renamed to ``out`` once complete.
+    ``hf``: write the Hugging Face format instead (keyword arguments of ``write_hf_folder``)."""
     from safetensors.torch import save_file
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file({n: t.detach().cpu().contiguous() for n, t in state.items()}, str(tmp / WEIGHTS_NAME),
-                  metadata={"format": "pt", "step": str(record.get("step"))})
-        (tmp / CONFIG_NAME).write_text(dump_config(cfg))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
+        if hf is not None:
+            from mythos_scale.eval.hf_format import write_hf_folder
+
+            write_hf_folder(tmp, state, cfg, tokenizer_file, step=record.get("step"), **hf)
+        else:
+            save_file({n: t.detach().cpu().contiguous() for n, t in state.items()}, str(tmp / WEIGHTS_NAME),
+                      metadata={"format": "pt", "step": str(record.get("step"))})
+            (tmp / CONFIG_NAME).write_text(dump_config(cfg))
+            if tokenizer_file is not None:
+                shutil.copyfile(tokenizer_file, tmp / TOKENIZER_NAME)
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(record, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # an empty folder (export_checkpoint refuses any other)
@@ -69,9 +75,10 @@ def write_export(out: Path, state: dict[str, torch.Tensor], cfg: Config, tokeniz
         raise
 
 
-def export_checkpoint(path: str | Path, out: str | Path) -> dict[str, Any]:
+def export_checkpoint(path: str | Path, out: str | Path, hf: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export the checkpoint ``path`` names (a run folder, its checkpoints/ or one checkpoint) to
-    the folder ``out`` (which must not exist, or be empty).  Returns what ``export.json`` holds."""
+    the folder ``out`` (which must not exist, or be empty).  Returns what ``export.json`` holds.
+    ``hf``: the Hugging Face format (see :mod:`mythos_scale.eval.hf_format`) with these options."""
     from mythos_scale.checkpoint import CheckpointError, read_model_state
     from mythos_scale.checkpoint.format import read_record
 
@@ -94,6 +101,25 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict[str, Any]:
               "layout": info["layout"], "zero_stage": info["zero_stage"],
               "parameters": sum(t.numel() for n, t in state.items() if n in info["params"]),
               "tokenizer": tokenizer is not None, "read_s": round(read_s, 4)}
-    write_export(out, state, cfg, tokenizer.path if tokenizer is not None else None, record)
+    write_export(out, state, cfg, tokenizer.path if tokenizer is not None else None, record, hf)
     record["write_s"] = round(time.perf_counter() - start - read_s, 4)
+    return record
+
+
+def import_hf(path: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the HF folder ``path`` (``mythos ckpt export --format hf``) as an exported folder
+    ``out`` (new or empty): the native format a warm start or any command reads."""
+    from mythos_scale.eval.hf_format import is_hf_folder, load_hf_folder
+
+    path, out = Path(path).expanduser(), Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelLoadError(f"{out} already exists and is not an empty folder: import to a new folder")
+    if not is_hf_folder(path):
+        raise ModelLoadError(f"{path} is not a Hugging Face folder: it has no config.json")
+    loaded = load_hf_folder(path)
+    state = loaded.model.state_dict()
+    record = {"source": str(path.resolve()), "kind": "hf", "step": None,
+              "parameters": sum(p.numel() for p in loaded.model.parameters()),
+              "tokenizer": loaded.tokenizer is not None}
+    write_export(out, state, loaded.cfg, loaded.tokenizer.path if loaded.tokenizer is not None else None, record)
     return record

@@ -3,6 +3,7 @@
 :func:`load_model` takes any of
 
 - an exported folder (``mythos ckpt export``): ``model.safetensors`` + ``config.yaml`` (+ ``tokenizer.json``);
+- a Hugging Face folder (``mythos ckpt export --format hf``): ``config.json`` + safetensors (+ tokenizer);
 - a run folder (``runs/<name>``) or its ``checkpoints/`` folder: the newest committed checkpoint
   whose files are whole, never newer than ``latest``;
 - one checkpoint (``runs/<name>/checkpoints/step_N``), whatever ZeRO stage and DP/TP/EP layout wrote it.
@@ -179,6 +180,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelLoadError(f"{path} does not exist")
     if path.is_file():
         raise ModelLoadError(f"{path} is a file: give the exported folder, the run folder or the checkpoint folder")
-    loaded = _load_export(path) if is_export(path) else _load_checkpoint(find_checkpoint(path))
+    from mythos_scale.eval.hf_format import is_hf_folder, load_hf_folder
+
+    if is_hf_folder(path):
+        loaded = load_hf_folder(path)
+    else:
+        loaded = _load_export(path) if is_export(path) else _load_checkpoint(find_checkpoint(path))
     loaded.model.to(device)
     return loaded

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from mythos_scale.kernels import reference
+from mythos_scale.kernels import reference, varlen  # noqa: F401  (varlen registers mythos::varlen_attention)
 
 log = logging.getLogger(__name__)
 
