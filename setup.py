@@ -41,10 +41,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "wandb>=0.17", "transformers>=4.45",
+    "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "wandb>=0.17", "transformers>=4.45", "lm_eval>=0.4.5",
             "moto[server]>=5"],  # a local S3 endpoint for the object-store dataset tests
     "wandb": ["wandb>=0.17"],
     "hf": ["transformers>=4.45"],  # loading `mythos ckpt export --format hf` folders (the export needs none)
+    "eval": ["lm_eval>=0.4.5"],  # mythos eval --tasks (lm-evaluation-harness)
     "gpu": ["flash-attn>=2.7", "liger-kernel>=0.5"],
 }
 

@@ -3,12 +3,15 @@
     mythos eval --run runs/tiny_cpu                               the run's newest checkpoint
     mythos eval --checkpoint exported/ --loops 1,4,16 --json      an export (or one checkpoint)
     mythos eval --run runs/tiny_cpu --data data/mine              another prepared dataset's val split
+    mythos eval --checkpoint exported/ --tasks my_task.yaml,hellaswag --loops 1,4,8   lm-evaluation-harness
 
 At each loop count: all loops; ACT halting (ACT models); the per-token KL early exit at each
 --exit-thresholds value (nats; reports the mean loops used).  Bits per byte = summed token
 losses / ln 2 / UTF-8 bytes of the predicted tokens, comparable across tokenizers.  Writes a
 PNG of loss against loops (--plot; default <run>/plots/eval_loops.png for --run, else
-./eval_loops.png).  Exit status 2 for a path, dataset or option that cannot be used.
+./eval_loops.png).  --tasks runs lm-evaluation-harness tasks (names, or local task YAML files) at
+each loop count instead (the `eval` extra; see mythos_scale/eval/harness.py).
+Exit status 2 for a path, dataset, task or option that cannot be used.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batches", type=int, default=0, help="evaluate the first N batches (0: all)")
     parser.add_argument("--json", action="store_true", help="print JSON (every row) instead of the table")
     parser.add_argument("--plot", help="PNG of loss against loops")
+    parser.add_argument("--tasks", help="lm-eval tasks, comma-separated: names or local task YAML files")
+    parser.add_argument("--limit", type=int, default=0, help="--tasks: the first N documents of each task (0: all)")
     return parser
 
 
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.max_batches < 0:
             raise ValueError("--batch-size must be >= 1 and --max-batches >= 0")
         loaded = load_model(args.run or args.checkpoint, resolve_device(args.device, args.threads))
+        if args.tasks:
+            from mythos_scale.eval.harness import harness_command
+
+            return harness_command(args, loaded)
         batches, byte_lengths, source = val_batches(loaded, args.data, args.batch_size, args.max_batches)
     except (ModelLoadError, DataError, ValueError) as exc:
         print(f"mythos eval: error: {exc}", file=sys.stderr)
