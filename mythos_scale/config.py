@@ -12,6 +12,8 @@ than the number of experts, an odd rope dimension, ...).
 from __future__ import annotations
 
 import copy
+import difflib
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -393,13 +395,40 @@ def layout_problem(world_size: int, tp: int, ep: int) -> str | None:
 # --------------------------------------------------------------------------- loading
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class inside a field's annotation (``X``, ``X | None``, ``list[X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _nearest_key(loc: tuple) -> str | None:
+    """The closest valid key to the unknown last part of ``loc`` in its section, if one is close."""
+    section: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: the section stays the item's class
+            continue
+        field = section.model_fields.get(part) if section is not None else None
+        section = _section_model(field.annotation) if field is not None else None
+        if section is None:
+            return None
+    matches = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            nearest = _nearest_key(e["loc"])
+            msg = "unknown key" + (f" (did you mean {'.'.join(map(str, e['loc'][:-1] + (nearest,)))}?)"
+                                   if nearest else "")
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         lines.append(f"  {key}: {msg}" if key else f"  {msg}")
@@ -407,7 +436,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with ``a.b.c=value`` assignments applied (values as YAML)."""
+    """Return a copy of ``raw`` with ``a.b.c=value`` assignments applied (values as YAML); a
+    number addresses an item of a list that is already there (``data.sources.0.weight=2``)."""
     out = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
@@ -417,14 +447,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: cannot parse value {text!r}: {exc}") from None
-        node = out
+        node: Any = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {part} is not a section")
-            node = child
-        node[parts[-1]] = value
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(parts[:depth])
+                    raise ConfigError(f"override {key}: {where} is a list of {len(node)} item(s) here; "
+                                      f"address an item by its index 0..{len(node) - 1}, not {part!r}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:depth])} is not a section")
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
     return out
 
 

@@ -31,6 +31,15 @@ def test_unknown_key_is_named(tmp_path):
     assert "model.dimm" in msg and "unknown key" in msg
 
 
+def test_unknown_key_suggests_the_nearest_in_its_own_section(tmp_path):
+    msg = _error(tmp_path, overrides=["train.max_step=7", "model.attention.kv_lora_rnk=3",
+                                      "data.stages=[{start_step: 2, sources: [{path: a, wieght: 2}]}]"])
+    assert "train.max_step: unknown key (did you mean train.max_steps?)" in msg
+    assert "did you mean model.attention.kv_lora_rank?" in msg
+    assert "did you mean data.stages.0.sources.0.weight?" in msg  # through list items
+    assert "did you mean" not in _error(tmp_path, overrides=["train.zzzzzz=1"])  # nothing close: no guess
+
+
 def test_wrong_type_is_named(tmp_path):
     msg = _error(tmp_path, "train:\n  max_steps: many\n")
     assert "train.max_steps" in msg
@@ -88,3 +97,31 @@ def test_bad_override_forms():
         apply_overrides({"model": {"dim": 3}}, ["model.dim.x=1"])
     with pytest.raises(ConfigError, match="model.dim"):
         load_config(None, ["model.dim=-5"])
+    with pytest.raises(ConfigError, match=r"data.sources is a list of 1 item\(s\) here; .* index 0..0, not '1'"):
+        apply_overrides({"data": {"sources": [{"path": "a"}]}}, ["data.sources.1.weight=2"])
+    with pytest.raises(ConfigError, match="not 'weight'"):
+        apply_overrides({"data": {"sources": [{"path": "a"}]}}, ["data.sources.weight=2"])
+
+
+def test_overrides_address_list_items():
+    raw = {"data": {"sources": [{"path": "a", "weight": 1}, {"path": "b", "weight": 1}]}}
+    out = apply_overrides(raw, ["data.sources.1.weight=3", "data.sources.0.path=c"])
+    assert out["data"]["sources"] == [{"path": "c", "weight": 1}, {"path": "b", "weight": 3}]
+    assert raw["data"]["sources"][1]["weight"] == 1  # the input is not changed
+
+
+def test_print_config_shows_the_resolved_config_and_exits(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mythos_scale.config import config_from_dict
+
+    result = subprocess.run([sys.executable, "-m", "mythos_scale.cli", "train", "--config", "configs/tiny_cpu.yaml",
+                             "--print-config", "train.max_steps=7", f"train.out_dir={tmp_path}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = config_from_dict(yaml.safe_load(result.stdout))  # every default filled in, loadable as is
+    assert printed == load_config("configs/tiny_cpu.yaml", ["train.max_steps=7", f"train.out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written

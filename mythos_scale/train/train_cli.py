@@ -17,8 +17,8 @@ import argparse
 import os
 import sys
 
-from mythos_scale.config import ConfigError, layout_problem, load_config
-from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from mythos_scale.config import ConfigError, dump_config, layout_problem, load_config
+from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK
 from mythos_scale.train.stop_signals import install_stop_handlers
 from mythos_scale.versions import ALLOW_UNTESTED_ENV, untested_versions
 
@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=1,
                         help="ranks to start on this machine (default 1: this process)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed launcher
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (file + overrides + defaults) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10")
     return parser
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers()  # from the start: a signal during start-up stops the run at step 1
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return EXIT_OK
         check_versions()
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
