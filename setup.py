@@ -34,6 +34,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "pyarrow>=14",
+    "zstandard>=0.22",  # mythos data prepare: .jsonl.zst dumps
     "numpy>=1.24",
     "psutil>=5.9",
     "filelock>=3.12",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -131,6 +132,50 @@ def test_globs_and_jsonl_field(corpus, tmp_path):
     assert [f.name for f in files] == [f"a{i:02d}.txt" for i in range(10)] + ["b.jsonl"]
     with pytest.raises(DataError, match=r"b\.jsonl:1: no field 'body'.*--text-field"):
         list(read_documents(files, "body", ReadStats()))
+
+
+def test_compressed_jsonl_parquet_and_hf_datasets_folders_read_as_streams(tmp_path):
+    """Every format yields the same documents in order; a ``datasets`` save_to_disk folder (a
+    DatasetDict of two splits, nested in a dump folder) stands for its Arrow files, and its JSON
+    metadata is never read as text."""
+    import datasets
+    import zstandard
+
+    docs = _documents(40, seed=3)
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs[:10]).encode()
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    with gzip.open(dump / "a.jsonl.gz", "wb") as f:
+        f.write(lines)
+    (dump / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[10:20]).encode()))
+    pq.write_table(pa.table({"text": docs[20:25]}), dump / "c.parquet")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[25:35]}),
+                          "test": datasets.Dataset.from_dict({"text": docs[35:]})}).save_to_disk(dump / "d_hf")
+    files = find_input_files([str(dump)])
+    assert [f.suffix for f in files] == [".gz", ".zst", ".parquet", ".arrow", ".arrow"]
+    stats = ReadStats()
+    assert list(read_documents(files, "text", stats)) == docs  # train then test, as dataset_dict.json lists them
+    assert stats.documents == 40 and not stats.skipped
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("t.jsonl.gz", b"not gzip at all", r"t\.jsonl\.gz: cannot be read as \.jsonl\.gz"),
+    ("t.jsonl.zst", b"not zstd", r"t\.jsonl\.zst: cannot be read as \.jsonl\.zst"),
+    ("t.jsonl.gz", gzip.compress(b'{"text": "a"}\n{"txt": "b"}\n'), r"t\.jsonl\.gz:2: no field 'text'"),
+])
+def test_bad_compressed_jsonl_is_named(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        list(read_documents([tmp_path / name], "text", ReadStats()))
+
+
+def test_a_non_utf8_line_skips_the_rest_of_a_jsonl_file(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "third"}\n')
+    stats = ReadStats()
+    assert list(read_documents([path], "text", stats)) == ["first"]
+    assert stats.skipped == [f"{path}: not UTF-8 (invalid continuation byte at line 2); the rest of the file is skipped"]
 
 
 @pytest.mark.parametrize("case, message", [
