@@ -13,6 +13,9 @@ from mythos_scale.data.manifest import DataError
 from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
 
+INPUT_HELP = "files, folders or globs: text, .jsonl(.gz/.zst), .parquet, datasets save_to_disk folders"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mythos data",
@@ -20,13 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer offline")
-    tok.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns: text, .jsonl(.gz/.zst), .parquet, datasets save_to_disk folders")
+    tok.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     tok.add_argument("--vocab-size", type=int, required=True)
     tok.add_argument("--out", required=True, help="tokenizer.json to write")
     tok.add_argument("--text-field", default="text", help="JSON-lines field / parquet or datasets column")
 
     prep = sub.add_parser("prepare", help="tokenize and pack text into MDS shards")
-    prep.add_argument("--input", nargs="+", required=True, help="files, folders or glob patterns: text, .jsonl(.gz/.zst), .parquet, datasets save_to_disk folders")
+    prep.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     prep.add_argument("--tokenizer", required=True,
                       help="a local tokenizer.json or a folder holding one (never downloaded)")
     prep.add_argument("--seq-len", type=int, required=True)
