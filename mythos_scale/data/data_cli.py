@@ -12,7 +12,6 @@ from mythos_scale.config import DataConfig, ModelConfig
 from mythos_scale.data.manifest import DataError
 from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_OK
 
-
 INPUT_HELP = "files, folders or globs: text, .jsonl(.gz/.zst), .parquet, datasets save_to_disk folders"
 
 
