@@ -133,6 +133,9 @@ class ModelConfig(_Strict):
     activation_checkpointing: bool = True
     # Which implementation of the fused ops to use (see mythos_scale.kernels).
     kernels: Literal["auto", "fused", "reference"] = "auto"
+    # torch.compile each Prelude / Core / Coda block (mythos_scale/parallel/compile.py); for GPU
+    # runs: the first steps pay the compile (about a minute per block shape on CPU).
+    compile: bool = False
     attention: AttentionConfig = AttentionConfig()
     moe: MoEConfig = MoEConfig()
     injection: InjectionConfig = InjectionConfig()

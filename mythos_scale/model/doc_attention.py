@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -80,23 +80,28 @@ def varlen_metadata(doc_ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class DocumentLayout:
-    """What attention needs to mask documents in one forward: the document index of every token
-    and the kernel; the mask or the varlen metadata are built once and shared by every layer."""
+    """What attention needs to mask documents in one forward: the document index of every token,
+    the kernel, and what that kernel reads, built once here (not lazily: torch.compile cannot
+    trace the lock of a cached property) and shared by every layer: ``cu_seqlens`` always (cheap,
+    no host sync) and the (B, 1, S, S) mask only where SDPA will run."""
 
     doc_ids: torch.Tensor
     kernel: str
+    cu_seqlens: torch.Tensor = field(init=False)
+    mask: torch.Tensor | None = field(init=False)
 
-    @functools.cached_property
-    def mask(self) -> torch.Tensor:
-        """(B, 1, S, S) bool: query i sees key j iff j <= i and both are in one document."""
-        seq = self.doc_ids.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=self.doc_ids.device).tril()
-        same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
-        return (same & causal).unsqueeze(1)
+    def __post_init__(self) -> None:
+        self.cu_seqlens = varlen_metadata(self.doc_ids)
+        sdpa_runs = self.kernel == "sdpa" or not self.doc_ids.is_cuda
+        self.mask = document_mask(self.doc_ids) if sdpa_runs else None
 
-    @functools.cached_property
-    def cu_seqlens(self) -> torch.Tensor:
-        return varlen_metadata(self.doc_ids)
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) bool: query i sees key j iff j <= i and both are in one document."""
+    seq = doc_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same & causal).unsqueeze(1)
 
 
 def build_document_layout(input_ids: torch.Tensor, eos_id: int, kernel_choice: str) -> DocumentLayout:

@@ -38,12 +38,13 @@ def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``torch.nn.functional.grouped_mm`` runs ``x @ weight[e].T`` for these operands: fp32,
     bf16 or fp16 on CPU; bf16 with 16-byte aligned rows on CUDA (CUTLASS on sm90+, torch's
     own loop elsewhere) and on meta (its shape function mirrors the CUDA checks, so a meta
-    trace takes the GPU path).  It has no fp32 CUDA kernel and no fp64 at all."""
+    trace, and a torch.compile trace on any device, takes the GPU path).  It has no fp32 CUDA
+    kernel and no fp64 at all."""
     if x.dtype != weight.dtype:
         return False
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    return (x.device.type in ("cuda", "meta") and x.dtype == torch.bfloat16
+    return (x.device.type in ("cuda", "meta", "cpu") and x.dtype == torch.bfloat16
             and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0)
 
 

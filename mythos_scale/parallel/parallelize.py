@@ -7,7 +7,9 @@ about ranks.  It applies, in order (as torchtitan's ``parallelize`` does):
    FFNs split over the TP group;
 2. expert parallelism (:mod:`mythos_scale.parallel.ep`): routed experts partitioned over the EP
    group, with all-to-all dispatch;
-3. the DeepSpeed / ZeRO wrapping (:mod:`mythos_scale.parallel.zero`), told about both.
+3. ``torch.compile`` of each block when ``model.compile`` is set
+   (:mod:`mythos_scale.parallel.compile`), over the TP / EP modules;
+4. the DeepSpeed / ZeRO wrapping (:mod:`mythos_scale.parallel.zero`), told about TP and EP.
 
 Every rank builds the same full model from the same seed first, so each shard is exactly the
 single-process model's slice; sharded parameters carry a
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from mythos_scale.config import Config
+from mythos_scale.parallel.compile import compile_blocks
 from mythos_scale.parallel.distributed import ParallelLayout
 from mythos_scale.parallel.ep import apply_ep
 from mythos_scale.parallel.tp import apply_tp
@@ -35,4 +38,6 @@ def parallelize(model: nn.Module, cfg: Config, layout: ParallelLayout,
     builds the optimizer over the sharded model's parameters."""
     apply_tp(model, layout)
     apply_ep(model, layout)
+    if cfg.model.compile:
+        compile_blocks(model)
     return apply_zero(model, cfg, layout, make_optimizer)

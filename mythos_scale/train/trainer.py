@@ -34,6 +34,7 @@ from mythos_scale.data.stages import build_staged_train_loader
 from mythos_scale.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 from mythos_scale.model import build_model, update_balance_bias
 from mythos_scale.parallel import LaunchError, ParallelLayout, init_distributed, sum_over_ranks
+from mythos_scale.parallel.compile import graph_breaks
 from mythos_scale.parallel.parallelize import parallelize
 from mythos_scale.parallel.precision import refresh_fp32_values, uses_bf16
 from mythos_scale.parallel.replicas import replica_drift
@@ -217,6 +218,8 @@ class Trainer:
         if timed or self.layout.device.type != "cuda":
             metrics.update({f"time/{phase}_s": seconds for phase, seconds in times.items()})
         metrics.update(self._model_stats(stats, load) if logged else load)
+        if self.cfg.model.compile:
+            metrics["compile/graph_breaks"] = sum(graph_breaks().values())
         metrics["time/step_s"] = time.perf_counter() - step_start
         return metrics
 
