@@ -90,7 +90,8 @@ train = {"killed_after_commit": killed, "resumed_from_step_10": resumed, "resume
          "reached_step_30": bool(steps) and max(steps) == 30,
          "tokens_per_s": statistics.mean(r["perf/tokens_per_s"] for r in after) if after else None,
          "mfu": statistics.mean(r["perf/mfu"] for r in after) if after else None,
-         "peak_memory_gib": max((r["mem/gib"] for r in rows if "mem/gib" in r), default=None),
+         "peak_allocated_gib": max((r["mem/allocated_gib"] for r in rows if "mem/allocated_gib" in r), default=None),
+         "peak_reserved_gib": max((r["mem/reserved_gib"] for r in rows if "mem/reserved_gib" in r), default=None),
          "planner_peak_gib": plan_peak}
 ok = (parity and all(s == "passed" for s in parity.values()) and killed and resumed and resume_rc == 0
       and train["reached_step_30"])

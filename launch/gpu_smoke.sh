@@ -53,7 +53,7 @@ if not re.search(r"resumed from \S+ \(step 5,", (run / "resume.log").read_text()
 steady = [r for r in rows if r["step"] not in (1, 6)]
 tokens = statistics.mean(r["perf/tokens_per_s"] for r in steady)
 mfu = statistics.mean(r["perf/mfu"] for r in steady)
-peak = max(r["mem/gib"] for r in rows)
+peak = max(r.get("mem/allocated_gib", r.get("mem/rss_gib", 0.0)) for r in rows)  # CUDA: peak allocated; CPU: RSS
 print(f"gpu_smoke: OK: saved at step 5, resumed, reached step 10 | {tokens:,.0f} tokens/s "
       f"(mean of steps 2-5, 7-10) | MFU {100 * mfu:.2f}% | peak memory {peak:.1f} GiB per process")
 EOF
