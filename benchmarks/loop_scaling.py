@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from mythos_scale.config import Config, load_config
 from mythos_scale.data.loader import build_val_loader
-from mythos_scale.data.manifest import TOKENIZER_NAME
+from mythos_scale.data.manifest import TOKENIZER_NAME, read_manifest
 from mythos_scale.data.sources import resolve_dataset
 from mythos_scale.data.tokenizer import load_tokenizer
 from mythos_scale.eval.evaluate import EvalMode, evaluate
@@ -70,14 +70,14 @@ def train(cfg: Config, layout) -> tuple[torch.nn.Module, float]:
 
 
 def exit_study(model: torch.nn.Module, batches: list, byte_lengths: torch.Tensor, n_loops: int,
-               thresholds: list[float]) -> dict:
+               thresholds: list[float], eos_id: int) -> dict:
     """The KL early exit at ``n_loops``: held-out bits/byte and mean loops per threshold, and the
     decoding speed with and without it (4 held-out prompts of 32 tokens, 32 new tokens each)."""
     rows = []
     with tqdm(total=len(thresholds) * len(batches), desc="KL exit", unit="batch") as progress:
         for tau in thresholds:
             rows.append(evaluate(model, batches, n_loops, EvalMode(f"kl{tau:g}", exit_threshold=tau), byte_lengths,
-                                 progress))
+                                 progress, eos_id))
     prompts = torch.cat([b[0] for b in batches])[:4, :32]
     speed = [decode_speed(model, prompts, 32, n_loops, tau) for tau in (0.0, *[t for t in thresholds if t > 0])]
     return {"loops": n_loops, "held_out": rows, "decode": speed}
@@ -208,6 +208,7 @@ def main() -> None:
     dataset = resolve_dataset(first.data.sources[0].path, first.data.cache_dir, first.data.seq_len,
                               first.model.vocab_size)
     byte_lengths = token_byte_lengths(load_tokenizer(dataset / TOKENIZER_NAME).tokenizer, first.model.vocab_size)
+    eos_id = read_manifest(dataset).eos_id  # document boundaries, for the document-masked attention
     val = build_val_loader(first.data, micro_batch_size=first.train.micro_batch_size, dp_rank=0, dp_world=1,
                            vocab_size=first.model.vocab_size)
     batches = list(val)
@@ -227,10 +228,10 @@ def main() -> None:
                "train_seconds": seconds, "loops": loops.model_dump(), "eval": {}}
         with tqdm(total=len(eval_loops) * len(batches), desc=f"eval {name}", unit="batch") as progress:
             for t in eval_loops:
-                res["eval"][str(t)] = evaluate(model, batches, t, EvalMode("loops"), byte_lengths, progress)
+                res["eval"][str(t)] = evaluate(model, batches, t, EvalMode("loops"), byte_lengths, progress, eos_id)
         if name == "looped" and not cfg.model.act.enabled and args.exit_thresholds:
             res["kl_exit"] = exit_study(model, batches, byte_lengths, 4 * mean,
-                                        [float(x) for x in args.exit_thresholds.split(",")])
+                                        [float(x) for x in args.exit_thresholds.split(",")], eos_id)
         results["models"][name] = res
         del model
     if not args.work_dir:

@@ -97,7 +97,7 @@ def test_kl_exit_threshold_zero_equals_all_loops(exported, tiny_dataset):
     from mythos_scale.eval.load import load_model
 
     loaded = load_model(exported)
-    batches, lengths, _ = val_batches(loaded, None, 4, 3)
+    batches, lengths, _, _ = val_batches(loaded, None, 4, 3)
     plain = evaluate(loaded.model, batches, 4, EvalMode("loops"), lengths)
     zero = evaluate(loaded.model, batches, 4, EvalMode("kl0", exit_threshold=0.0), lengths)
     assert plain["mean_loops"] == zero["mean_loops"] == 4
@@ -337,3 +337,31 @@ def test_trainer_logs_validation_loss_per_loop_count(runs):
     assert t1 != t3  # each its own forward at its own loop count
     mean = events.Scalars("val/loss")[-1].value  # at train.loops.mean = 2
     assert min(t1, t3) - 0.5 < mean < max(t1, t3) + 0.5
+
+
+@pytest.mark.slow
+def test_eval_command_equals_the_trainers_validation_loss(runs):
+    """``mythos eval`` measures what the trainer logs: its loss on the trainer's validation batches
+    equals the trainer's last ``val/loss_at_loops`` (same weights), and packed documents are seen
+    one at a time under the document mask, as in training (the end-of-document id reaches the model)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mythos_scale.eval.eval_cli import val_batches
+    from mythos_scale.eval.evaluate import evaluate
+    from mythos_scale.eval.load import load_model
+
+    events = EventAccumulator(str(runs / "one_rank" / "tb"))
+    events.Reload()
+    proc = mythos("eval", "--run", str(runs / "one_rank"), "--loops", "1,3", "--batch-size", "2",
+                  "--max-batches", "2", "--json", "--plot", str(runs / "one_rank_val.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [row for row in json.loads(proc.stdout)["rows"] if row["mode"] == "loops"]
+    assert [row["loops"] for row in rows] == [1, 3]
+    for row in rows:
+        logged = events.Scalars(f"val/loss_at_loops/T{row['loops']:02d}")[-1]
+        assert logged.step == 20 and row["loss"] == pytest.approx(logged.value, rel=1e-5), row
+    loaded = load_model(runs / "one_rank")
+    batches, _, _, eos_id = val_batches(loaded, None, 2, 2)
+    batches = [(inputs.index_fill(1, torch.tensor([15]), eos_id), labels) for inputs, labels in batches]
+    masked, unmasked = (evaluate(loaded.model, batches, 3, eos_id=e)["loss"] for e in (eos_id, None))
+    assert abs(masked - unmasked) > 1e-4  # the adversarial case: with a document ending mid-row, the mask acts

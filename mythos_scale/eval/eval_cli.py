@@ -122,7 +122,7 @@ def val_batches(loaded, data: str | None, batch_size: int, max_batches: int):
     except ValueError as exc:
         print(f"mythos eval: no bits per byte: {exc}", file=sys.stderr)
         byte_lengths = None
-    return batches, byte_lengths, source
+    return batches, byte_lengths, source, manifest.eos_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             from mythos_scale.eval.harness import harness_command
 
             return harness_command(args, loaded)
-        batches, byte_lengths, source = val_batches(loaded, args.data, args.batch_size, args.max_batches)
+        batches, byte_lengths, source, eos_id = val_batches(loaded, args.data, args.batch_size, args.max_batches)
     except (ModelLoadError, DataError, ValueError) as exc:
         print(f"mythos eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     modes = eval_modes(loaded.model, args.exit_thresholds)
-    rows = evaluate_loops(loaded.model, batches, args.loops, modes, byte_lengths)
+    rows = evaluate_loops(loaded.model, batches, args.loops, modes, byte_lengths, eos_id=eos_id)
     step = loaded.source.get("step")
     title = f"{args.run or args.checkpoint}" + (f", step {step}" if step is not None else "") + \
         f"; {rows[0]['tokens']} tokens of {source}"

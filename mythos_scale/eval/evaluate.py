@@ -46,15 +46,17 @@ def eval_modes(model: torch.nn.Module, exit_thresholds: Iterable[float] = ()) ->
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], n_loops: int,
              mode: EvalMode = EvalMode("loops"), byte_lengths: torch.Tensor | None = None,
-             progress: tqdm | None = None) -> dict[str, float]:
+             progress: tqdm | None = None, eos_id: int | None = None) -> dict[str, float]:
     """Loss over ``batches`` (``(inputs, labels)`` pairs) of ``model`` run at ``n_loops`` in ``mode``:
-    summed over every token, then divided once (so batches of any size weigh by their tokens)."""
+    summed over every token, then divided once (so batches of any size weigh by their tokens).
+    ``eos_id``: the end-of-document token of packed batches, so a document-masked model
+    (``model.attention.document_mask``) sees each document alone, as in training."""
     model.eval()
     device = next(model.parameters()).device
     nats, n_bytes, loops_used, n_tokens = 0.0, 0.0, 0.0, 0
     for inputs, labels in batches:
         inputs, labels = inputs.to(device), labels.to(device)
-        out = model(inputs, n_loops=n_loops, act=mode.act, exit_threshold=mode.exit_threshold)
+        out = model(inputs, n_loops=n_loops, act=mode.act, exit_threshold=mode.exit_threshold, eos_id=eos_id)
         nats += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
         if byte_lengths is not None:
             n_bytes += byte_lengths[labels.cpu()].sum().item()
@@ -73,13 +75,13 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 
 def evaluate_loops(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], loop_counts: list[int],
                    modes: list[EvalMode], byte_lengths: torch.Tensor | None = None,
-                   desc: str = "eval") -> list[dict[str, float]]:
+                   desc: str = "eval", eos_id: int | None = None) -> list[dict[str, float]]:
     """:func:`evaluate` at every loop count in every mode, with one progress bar."""
     rows = []
     with tqdm(total=len(loop_counts) * len(modes) * len(batches), desc=desc, unit="batch") as progress:
         for n_loops in loop_counts:
             for mode in modes:
-                rows.append(evaluate(model, batches, n_loops, mode, byte_lengths, progress))
+                rows.append(evaluate(model, batches, n_loops, mode, byte_lengths, progress, eos_id))
     return rows
 
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from mythos_scale.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, seed_rng
 from mythos_scale.config import Config, ConfigError
@@ -134,14 +133,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def _sync(self, timed: bool) -> None:
-        """Wait for the GPU, only on steps whose phases are timed: a sync stalls the launch queue."""
-        if timed and self.layout.device.type == "cuda":
+    def _sync(self, logged: bool) -> None:
+        """Wait for the GPU, only on logged steps (their phases are timed): a sync stalls the launch queue."""
+        if logged and self.layout.device.type == "cuda":
             torch.cuda.synchronize(self.layout.device)
-
-    @staticmethod
-    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
 
     def _loss(self, out, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self.cfg.train
@@ -162,7 +157,6 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-        timed = logged
         times = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
         sums: dict[str, torch.Tensor] = {}
         stats = None
@@ -174,13 +168,13 @@ class Trainer:
             out = self.engine(inputs, n_loops=n_loops, backprop_depth=backprop_depth, eos_id=self.eos_id, logits=False,
                               with_stats=logged and micro == self.grad_accum - 1)  # the last one's are logged
             loss, parts = self._loss(out, labels)
-            self._sync(timed)
+            self._sync(logged)
             t2 = time.perf_counter()
             self.engine.backward(loss)
-            self._sync(timed)
+            self._sync(logged)
             t3 = time.perf_counter()
             self.engine.step()  # DeepSpeed reduces and steps only at the accumulation boundary
-            self._sync(timed)
+            self._sync(logged)
             t4 = time.perf_counter()
             times["data"] += t1 - t0
             times["forward"] += t2 - t1
@@ -215,10 +209,10 @@ class Trainer:
             "train/skipped_steps": self.skipped_steps, "train/tokens_seen": self.tokens_seen,
             "loops/T": n_loops, "loops/backprop_depth": backprop_depth,
         })
-        if timed or self.layout.device.type != "cuda":
+        if logged or self.layout.device.type != "cuda":
             metrics.update({f"time/{phase}_s": seconds for phase, seconds in times.items()})
         metrics.update(self._model_stats(stats, load) if logged else load)
-        if self.cfg.model.compile:
+        if self.cfg.model.compile and logged:
             metrics["compile/graph_breaks"] = sum(graph_breaks().values())
         metrics["time/step_s"] = time.perf_counter() - step_start
         return metrics
@@ -281,8 +275,8 @@ class Trainer:
                 break
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             for tag, n_loops in tags.items():
-                totals[tag] += self._lm_loss(self.engine(inputs, n_loops=n_loops, eos_id=self.eos_id).logits.float(),
-                                             labels)
+                out = self.engine(inputs, n_loops=n_loops, eos_id=self.eos_id, logits=False)
+                totals[tag] += lm_head_loss(out.hidden, self.model.head_weight, labels, t.loss_chunk_tokens).lm
             count += 1
         self.engine.train()
         *sums, batches = sum_over_ranks([*totals.values(), float(count)], self.layout.device)
