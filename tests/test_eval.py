@@ -365,3 +365,35 @@ def test_eval_command_equals_the_trainers_validation_loss(runs):
     batches = [(inputs.index_fill(1, torch.tensor([15]), eos_id), labels) for inputs, labels in batches]
     masked, unmasked = (evaluate(loaded.model, batches, 3, eos_id=e)["loss"] for e in (eos_id, None))
     assert abs(masked - unmasked) > 1e-4  # the adversarial case: with a document ending mid-row, the mask acts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tp2", "ep2_zero2"])
+def test_hf_export_of_a_parallel_run_loads_in_transformers_with_the_trained_logits(runs, tmp_path, name,
+                                                                                  monkeypatch):
+    """A run trained with TP or EP (and ZeRO-2) leaves for Hugging Face: `ckpt export --format hf`
+    gathers the shards, and transformers (offline, the bundled code) computes the training model's
+    logits; `ckpt import-hf` brings back the very weights."""
+    transformers = pytest.importorskip("transformers")
+    from mythos_scale.eval.load import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    trained = torch.load(runs / f"{name}.pt", weights_only=True)
+    out = tmp_path / "hf"
+    proc = mythos("ckpt", "export", str(runs / name), "--out", str(out), "--format", "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran
+    try:
+        with torch.no_grad():
+            logits = hf(probe(hf.config.vocab_size), n_loops=PROBE_LOOPS).logits
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(logits, trained["logits"], rtol=0, atol=1e-5), (logits - trained["logits"]).abs().max()
+    imported = tmp_path / "imported"
+    proc = mythos("ckpt", "import-hf", str(out), "--out", str(imported))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = dict(load_model(imported).model.named_parameters())
+    for pname, value in trained["params"].items():
+        assert torch.equal(state[pname].detach(), value), pname
