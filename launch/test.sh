@@ -10,4 +10,4 @@ if [ "$(id -u)" = 0 ]; then
   bash launch/slurm_local_cluster.sh
 fi
 python3 -m ruff check .
-exec python3 -m pytest tests -q -rs "$@"
+exec python3 -m pytest tests -q -rs --durations=25 "$@"

@@ -40,7 +40,9 @@ from mythos_scale.config import load_config
 from mythos_scale.kernels import reference
 from mythos_scale.model import MythosModel, update_balance_bias
 from mythos_scale.parallel import sum_over_ranks
+from mythos_scale.parallel.compile import compile_blocks, graph_breaks
 from mythos_scale.parallel.distributed import LaunchError, ParallelLayout, cuda_device
+from mythos_scale.train.lm_loss import lm_head_loss
 from mythos_scale.train.trainer import Trainer
 
 from conftest import REPO, TINY_TRAIN, free_port, subprocess_env
@@ -117,11 +119,11 @@ def fake_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def training_loss(cfg, out, labels: torch.Tensor) -> torch.Tensor:
-    """The trainer's loss (Trainer._loss): LM loss in fp32 + MoE aux + ponder + z-loss."""
-    logits = out.logits.float()
-    z = cfg.train.z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
-    return Trainer._lm_loss(logits, labels) + out.moe_aux_loss + out.ponder_cost + z
+def training_loss(cfg, model, out, labels: torch.Tensor) -> torch.Tensor:
+    """The trainer's loss (Trainer._loss) from a ``logits=False`` forward: the chunked LM head +
+    cross-entropy + z-loss (never the full logits), MoE aux and ponder cost."""
+    lm = lm_head_loss(out.hidden, model.head_weight, labels, cfg.train.loss_chunk_tokens, cfg.train.z_loss_coef)
+    return lm.total + out.moe_aux_loss + out.ponder_cost
 
 
 # ---------------------------------------------------------------- the forward on fake CUDA
@@ -134,9 +136,9 @@ def test_770m_forward_at_4096_in_bf16_on_fake_cuda(cfg, fake_gpu):
     checks = GpuPathChecks()
     with mode, checks:
         inputs, labels = (t.to("cuda") for t in fake_batch(cfg))
-        out = model(inputs, n_loops=3, backprop_depth=2, eos_id=0)  # document mask on
-        loss = training_loss(cfg, out, labels)
-    assert out.logits.shape == (1, SEQ, cfg.model.vocab_size) and out.logits.dtype == torch.bfloat16
+        out = model(inputs, n_loops=3, backprop_depth=2, eos_id=0, logits=False)  # document mask on
+        loss = training_loss(cfg, model, out, labels)
+    assert out.hidden.shape == (1, SEQ, cfg.model.dim) and out.hidden.dtype == torch.bfloat16
     assert loss.device.type == "cuda" and loss.requires_grad
     assert all(t.device.type == "cuda" for t in [*model.parameters(), *model.buffers()])
     moe = model.core[0].ffn
@@ -212,8 +214,8 @@ def test_770m_backward_traced_on_meta(cfg):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(inputs, labels):
-        out = model(inputs, n_loops=2, backprop_depth=1)
-        return torch.autograd.grad(training_loss(cfg, out, labels), params, allow_unused=True)
+        out = model(inputs, n_loops=2, backprop_depth=1, eos_id=0, logits=False)
+        return torch.autograd.grad(training_loss(cfg, model, out, labels), params, allow_unused=True)
 
     inputs, labels = (t.to("meta") for t in fake_batch(cfg))
     graph = make_fx(step)(inputs, labels)
@@ -227,6 +229,23 @@ def test_770m_backward_traced_on_meta(cfg):
     backward_calls = cfg.model.core_layers * 1
     assert ops[aten._grouped_mm.default] == 3 * moe_calls + 2 * 3 * backward_calls
     assert not any(op in ops for op in (aten._local_scalar_dense.default, aten.nonzero.default))
+
+
+@pytest.mark.slow
+def test_770m_compiled_step_traces_on_meta_without_graph_breaks(cfg):
+    """``model.compile`` at the 770M shapes in bf16 with every hot-path option on (document mask,
+    truncated backprop with per-iteration activation checkpointing, the MoE's grouped GEMM, the
+    chunked LM loss): dynamo traces each block forward and backward (aot_eager: no code is
+    generated for the meta device) with no graph break, and every parameter gets its gradient."""
+    model = meta_model(cfg).train()
+    compile_blocks(model, backend="aot_eager")
+    before = sum(graph_breaks().values())
+    inputs, labels = (t.to("meta") for t in fake_batch(cfg))
+    out = model(inputs, n_loops=3, backprop_depth=2, eos_id=0, logits=False)
+    training_loss(cfg, model, out, labels).backward()
+    assert sum(graph_breaks().values()) == before, graph_breaks()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype, name
 
 
 # ---------------------------------------------------------------- the trainer's collectives
@@ -262,7 +281,7 @@ def test_trainer_collectives_run_on_the_layout_device(cfg, fake_gpu, nccl_only_g
     mode, model = fake_gpu
     layout = ParallelLayout(rank=0, world_size=1, local_rank=0, tp=1, ep=1, device=torch.device("cuda", 0))
     trainer = Trainer.__new__(Trainer)  # the collective methods need the layout, model and config only
-    trainer.layout, trainer.engine, trainer.cfg = layout, model, cfg.model_copy(deep=True)
+    trainer.layout, trainer.engine, trainer.model, trainer.cfg = layout, model, model, cfg.model_copy(deep=True)
     trainer.eos_id = 0  # packed documents: evaluation runs with the document mask
     trainer.cfg.train.eval_batches, trainer.cfg.train.loops.mean = 1, 1
     trainer.checkpointer = Checkpointer(tmp_path, trainer.cfg, layout)  # no save in flight

@@ -16,12 +16,16 @@ from __future__ import annotations
 import torch.nn as nn
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     """Compile every Prelude, Core and Coda block of ``model`` in place (``nn.Module.compile``:
-    names, parameters and state dicts are unchanged, so checkpoints and ZeRO see the same model)."""
+    names, parameters and state dicts are unchanged, so checkpoints and ZeRO see the same model).
+    The kernel choice for the parameters' device is made (and logged) here, before tracing: a log
+    call inside a compiled block would be a graph break.  ``backend``: dynamo's backend
+    (``aot_eager`` traces without generating code, as the meta-device test does)."""
+    model.kernels.implementation(next(model.parameters()).device.type)
     for blocks in (model.prelude, model.core, model.coda):
         for block in blocks:
-            block.compile()
+            block.compile(backend=backend)
 
 
 def graph_breaks() -> dict[str, int]:
