@@ -137,7 +137,7 @@ def report(results: dict, out: Path) -> None:
     if kl:
         print(f"\nKL early exit at T = {kl['loops']}: threshold, bits/byte, mean loops (held-out); decoding tokens/s")
         for row in kl["held_out"]:
-            print(f"{row['exit_threshold']:>8g}  {row['bits_per_byte']:.4f}  {row['mean_loops_used']:.2f}")
+            print(f"{row['exit_threshold']:>8g}  {row['bits_per_byte']:.4f}  {row['mean_loops']:.2f}")
         for row in kl["decode"]:
             print(f"decode {row['exit_threshold']:>8g}: {row['tokens_per_s']:.1f} tokens/s, {row['mean_loops']:.2f} loops")
     print(f"wrote {out / 'loop_scaling.json'} and {out / 'loop_scaling.png'}")
