@@ -371,17 +371,17 @@ def test_eval_command_equals_the_trainers_validation_loss(runs):
 @pytest.mark.parametrize("name", ["tp2", "ep2_zero2"])
 def test_hf_export_of_a_parallel_run_loads_in_transformers_with_the_trained_logits(runs, tmp_path, name,
                                                                                   monkeypatch):
-    """A run trained with TP or EP (and ZeRO-2) leaves for Hugging Face: `ckpt export --format hf`
-    gathers the shards, and transformers (offline, the bundled code) computes the training model's
-    logits; `ckpt import-hf` brings back the very weights."""
+    """A run trained with TP or EP (and ZeRO-2) leaves for Hugging Face: the HF export gathers the
+    shards, and transformers (offline, the bundled code) computes the training model's logits;
+    the import brings back the very weights.  (The CLI around both: tests/test_hf_format.py.)"""
     transformers = pytest.importorskip("transformers")
+    from mythos_scale.eval.export import export_checkpoint, import_hf
     from mythos_scale.eval.load import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     trained = torch.load(runs / f"{name}.pt", weights_only=True)
     out = tmp_path / "hf"
-    proc = mythos("ckpt", "export", str(runs / name), "--out", str(out), "--format", "hf")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    export_checkpoint(runs / name, out, {"dtype": "fp32"})
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran
@@ -391,9 +391,7 @@ def test_hf_export_of_a_parallel_run_loads_in_transformers_with_the_trained_logi
     finally:
         torch.set_num_threads(threads)
     assert torch.allclose(logits, trained["logits"], rtol=0, atol=1e-5), (logits - trained["logits"]).abs().max()
-    imported = tmp_path / "imported"
-    proc = mythos("ckpt", "import-hf", str(out), "--out", str(imported))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = dict(load_model(imported).model.named_parameters())
+    import_hf(out, tmp_path / "imported")
+    state = dict(load_model(tmp_path / "imported").model.named_parameters())
     for pname, value in trained["params"].items():
         assert torch.equal(state[pname].detach(), value), pname
