@@ -45,6 +45,8 @@ from mythos_scale.config import DataConfig
 from mythos_scale.data.manifest import DataError
 from mythos_scale.data.order import SampleOrder
 from mythos_scale.data.sources import Source, node_layout, open_source, open_sources, verify_split
+from mythos_scale.data.synthetic import MASK_COLUMN
+from mythos_scale.train.lm_loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,15 @@ def _streaming_dataset(remote_local: list[tuple[str | None, str]]) -> StreamingD
 
 def _read_rows(reader: StreamingDataset,
                sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([reader.get_item(int(i))["tokens"] for i in sample_ids])
-    tokens = torch.from_numpy(rows.astype(np.int64))
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    """Inputs and labels of the samples; where a sample has a ``loss_mask`` (synthetic tasks), its
+    labels are IGNORE_INDEX wherever the mask is 0, so the loss counts the marked tokens only."""
+    samples = [reader.get_item(int(i)) for i in sample_ids]
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    labels = tokens[:, 1:].clone()
+    if MASK_COLUMN in samples[0]:
+        mask = torch.from_numpy(np.stack([s[MASK_COLUMN] for s in samples]))[:, 1:]
+        labels[mask == 0] = IGNORE_INDEX
+    return tokens[:, :-1].contiguous(), labels
 
 
 # --------------------------------------------------------------------------- loaders
