@@ -1,4 +1,4 @@
-"""``mythos data tokenizer | prepare | embedded``."""
+"""``mythos data tokenizer | prepare | embedded | synthetic``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,22 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--vocab-size", type=int, default=model.vocab_size,
                      help="as model.vocab_size")
     emb.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    syn = sub.add_parser("synthetic", help="generate a synthetic reasoning dataset (p-hop, arithmetic chains)",
+                         description="Write a seeded synthetic reasoning task as a dataset folder: train "
+                         "items of difficulty 1..--max-difficulty, val items of each difficulty "
+                         "1..--eval-max-difficulty, the answer marked so that the loss counts it alone. "
+                         "`mythos eval --by-difficulty` measures a model trained on it.")
+    syn.add_argument("--task", required=True, choices=["p_hop", "arith"],
+                     help="p_hop: p-hop induction (difficulty = p); arith: modular arithmetic chains "
+                     "(difficulty = steps)")
+    syn.add_argument("--out", required=True, help="dataset folder to write")
+    syn.add_argument("--n-train", type=int, default=20000, help="train items, equal shares per difficulty")
+    syn.add_argument("--n-val", type=int, default=200, help="val items per difficulty")
+    syn.add_argument("--max-difficulty", type=int, default=3, help="D: deepest difficulty trained on")
+    syn.add_argument("--eval-max-difficulty", type=int, default=None, help="deepest held-out difficulty (default 2D)")
+    syn.add_argument("--seq-len", type=int, default=None, help="default: the longest item, rounded up to 8")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--overwrite", action="store_true", help="replace a dataset this tool wrote")
     return parser
 
 
@@ -84,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             for split, s in m.splits.items():
                 print(f"{args.out}/{split}: {s.sequences} sequences of {m.seq_len}+1 tokens from "
                       f"{s.documents} documents ({s.tokens} tokens)")
+        elif args.command == "synthetic":
+            from mythos_scale.data.synthetic import write_synthetic_dataset
+
+            m = write_synthetic_dataset(args.task, args.out, n_train=args.n_train, n_val=args.n_val,
+                                        max_difficulty=args.max_difficulty,
+                                        eval_max_difficulty=args.eval_max_difficulty, seq_len=args.seq_len,
+                                        seed=args.seed, overwrite=args.overwrite)
+            print(f"{args.out}: {m.splits['train'].sequences} train items (difficulty 1.."
+                  f"{m.inputs['max_difficulty']}), {m.splits['val'].sequences} val items (difficulty 1.."
+                  f"{m.inputs['eval_max_difficulty']}), seq_len {m.seq_len}, vocab {m.vocab_size}")
+            override = shlex.quote(f"data.sources=[{{path: {json.dumps(args.out)}}}]")
+            print(f"train on it with: {override} data.seq_len={m.seq_len} model.max_seq_len={m.seq_len} "
+                  f"model.vocab_size={m.vocab_size}; then mythos eval --run RUN --by-difficulty")
         else:
             from mythos_scale.data.embedded import copy_dataset, ensure_embedded_dataset
             from mythos_scale.data.manifest import read_manifest

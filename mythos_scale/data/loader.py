@@ -42,7 +42,7 @@ from streaming import Stream, StreamingDataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mythos_scale.config import DataConfig
-from mythos_scale.data.manifest import DataError
+from mythos_scale.data.manifest import IGNORE_INDEX, MASK_COLUMN, DataError
 from mythos_scale.data.order import SampleOrder
 from mythos_scale.data.sources import Source, node_layout, open_source, open_sources, verify_split
 
@@ -118,9 +118,16 @@ def _streaming_dataset(remote_local: list[tuple[str | None, str]]) -> StreamingD
 
 def _read_rows(reader: StreamingDataset,
                sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([reader.get_item(int(i))["tokens"] for i in sample_ids])
-    tokens = torch.from_numpy(rows.astype(np.int64))
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    """Inputs and labels of the samples; where a sample has a ``loss_mask`` (synthetic tasks), its
+    labels are IGNORE_INDEX wherever the mask is 0, so the loss counts the marked tokens only."""
+    samples = [reader.get_item(int(i)) for i in sample_ids]
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    labels = tokens[:, 1:].clone()
+    if any(MASK_COLUMN in s for s in samples):  # a blend may mix masked and plain sources
+        keep = np.stack([s[MASK_COLUMN][1:] if MASK_COLUMN in s else np.ones(labels.shape[1], np.uint8)
+                         for s in samples])
+        labels[torch.from_numpy(keep == 0)] = IGNORE_INDEX
+    return tokens[:, :-1].contiguous(), labels
 
 
 # --------------------------------------------------------------------------- loaders

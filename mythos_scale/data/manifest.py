@@ -5,7 +5,8 @@ A prepared dataset is a folder (or object-store prefix)::
     manifest.json      written last: a dataset without it is incomplete and never read
     tokenizer.json     a copy of the tokenizer that produced the tokens
     train/  val/       MDS shards (streaming's index.json + shard.*.mds), one column ``tokens``
-                       holding ``seq_len + 1`` tokens per sample
+                       holding ``seq_len + 1`` tokens per sample, and optionally ``loss_mask``
+                       (uint8, ``seq_len + 1``: 0 where the label is not trained on)
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT = "mythos-mds-v1"
 SPLITS = ("train", "val")
+MASK_COLUMN = "loss_mask"  # optional MDS column: 1 where the label is trained on
+IGNORE_INDEX = -100  # a label the loss skips (torch's cross-entropy default): tokens outside a ``loss_mask``
 
 
 class DataError(ValueError):
@@ -43,6 +46,8 @@ class Manifest:
     hashes: list[str]
     splits: dict[str, SplitStats]
     inputs: dict[str, Any] = field(default_factory=dict)
+    # MDS columns beside ``tokens`` (name -> encoding), e.g. the synthetic tasks' ``loss_mask``
+    extra_columns: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
 
     def to_json(self) -> str:

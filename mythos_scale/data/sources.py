@@ -150,13 +150,13 @@ def verify_split(source: Source, split: str, seq_len: int, mode: str) -> None:
         shards = index["shards"]
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{index_file}: cannot read the shard index ({exc})") from None
-    expected = f"ndarray:{source.manifest.dtype}:{seq_len + 1}"
+    expected = {"tokens": f"ndarray:{source.manifest.dtype}:{seq_len + 1}", **source.manifest.extra_columns}
     samples = 0
     files = {"index.json": _file_stamp(index_file)}
     for shard in shards:
-        if shard.get("column_encodings") != [expected]:
-            raise DataError(f"{index_file}: shards hold {shard.get('column_encodings')}, "
-                            f"the manifest promises [{expected!r}]")
+        columns = dict(zip(shard.get("column_names", []), shard.get("column_encodings", [])))
+        if columns != expected:
+            raise DataError(f"{index_file}: shards hold columns {columns}, the manifest promises {expected}")
         raw = shard["raw_data"]
         path = folder / raw["basename"]
         if not path.is_file():

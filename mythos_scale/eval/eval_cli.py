@@ -4,13 +4,17 @@
     mythos eval --checkpoint exported/ --loops 1,4,16 --json      an export (or one checkpoint)
     mythos eval --run runs/tiny_cpu --data data/mine              another prepared dataset's val split
     mythos eval --checkpoint exported/ --tasks my_task.yaml,hellaswag --loops 1,4,8   lm-evaluation-harness
+    mythos eval --run runs/probe --by-difficulty --loops 1,2,4,8     a `mythos data synthetic` task
 
 At each loop count: all loops; ACT halting (ACT models); the per-token KL early exit at each
 --exit-thresholds value (nats; reports the mean loops used).  Bits per byte = summed token
 losses / ln 2 / UTF-8 bytes of the predicted tokens, comparable across tokenizers.  Writes a
 PNG of loss against loops (--plot; default <run>/plots/eval_loops.png for --run, else
 ./eval_loops.png).  --tasks runs lm-evaluation-harness tasks (names, or local task YAML files) at
-each loop count instead (the `eval` extra; see mythos_scale/eval/harness.py).
+each loop count instead (the `eval` extra; see mythos_scale/eval/harness.py).  --by-difficulty,
+for a model trained on a `mythos data synthetic` dataset: exact-match accuracy of the answers by
+difficulty and loop count, and with each KL exit threshold at the largest loop count the loops
+the answers used (see mythos_scale/eval/reasoning.py).
 Exit status 2 for a path, dataset, task or option that cannot be used.
 """
 
@@ -86,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON (every row) instead of the table")
     parser.add_argument("--plot", help="PNG of loss against loops")
     parser.add_argument("--tasks", help="lm-eval tasks, comma-separated: names or local task YAML files")
+    parser.add_argument("--by-difficulty", action="store_true",
+                        help="synthetic reasoning data: exact-match accuracy by difficulty x loops")
     parser.add_argument("--limit", type=int, default=0, help="--tasks: the first N documents of each task (0: all)")
     return parser
 
@@ -125,6 +131,29 @@ def val_batches(loaded, data: str | None, batch_size: int, max_batches: int):
     return batches, byte_lengths, source, manifest.eos_id
 
 
+def _by_difficulty(args: argparse.Namespace, loaded) -> int:
+    """``--by-difficulty``: the accuracy table (or JSON) of a synthetic task's val split."""
+    from mythos_scale.data.manifest import DataError, read_manifest
+    from mythos_scale.data.sources import resolve_dataset
+    from mythos_scale.eval.reasoning import accuracy_table, difficulty_batches, format_accuracy
+
+    cfg = loaded.cfg
+    source = args.data or cfg.data.val_path or cfg.data.sources[0].path
+    manifest = read_manifest(resolve_dataset(source, cfg.data.cache_dir, cfg.data.seq_len, cfg.model.vocab_size))
+    if loaded.tokenizer is not None and manifest.tokenizer_sha256 != loaded.tokenizer.sha256:
+        raise DataError(f"{source} was tokenized with another tokenizer than the model's ({loaded.tokenizer.path})")
+    data = cfg.data.model_copy(update={"seq_len": manifest.seq_len})
+    batches = difficulty_batches(source, data, cfg.model.vocab_size, args.batch_size)
+    thresholds = [] if loaded.model.halting is not None else args.exit_thresholds
+    rows = accuracy_table(batches, loaded.model, args.loops, thresholds)
+    if args.json:
+        print(json.dumps({"model": loaded.source, "data": source, "rows": rows}, indent=2))
+    else:
+        print(f"{args.run or args.checkpoint} on {source} (val: {manifest.inputs['val_difficulties']} items "
+              f"per difficulty; trained on 1..{manifest.inputs['max_difficulty']})\n{format_accuracy(rows)}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mythos_scale.data.manifest import DataError
@@ -139,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             from mythos_scale.eval.harness import harness_command
 
             return harness_command(args, loaded)
+        if args.by_difficulty:
+            return _by_difficulty(args, loaded)
         batches, byte_lengths, source, eos_id = val_batches(loaded, args.data, args.batch_size, args.max_batches)
     except (ModelLoadError, DataError, ValueError) as exc:
         print(f"mythos eval: error: {exc}", file=sys.stderr)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mythos_scale.data.manifest import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class EvalMode:
@@ -58,10 +60,11 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
         inputs, labels = inputs.to(device), labels.to(device)
         out = model(inputs, n_loops=n_loops, act=mode.act, exit_threshold=mode.exit_threshold, eos_id=eos_id)
         nats += F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum").item()
+        counted = labels != IGNORE_INDEX  # all but a synthetic task's prompts
         if byte_lengths is not None:
-            n_bytes += byte_lengths[labels.cpu()].sum().item()
-        loops_used += out.loops_used.float().sum().item()
-        n_tokens += labels.numel()
+            n_bytes += byte_lengths[labels[counted].cpu()].sum().item()
+        loops_used += out.loops_used.float()[counted].sum().item()
+        n_tokens += int(counted.sum())
         if progress is not None:
             progress.update()
     loss = nats / n_tokens

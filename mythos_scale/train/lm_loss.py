@@ -25,9 +25,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mythos_scale.data.manifest import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 class LMLoss(NamedTuple):
