@@ -111,16 +111,27 @@ def test_iteration_study_reads_the_model_stats():
 
 
 WINDOW_TRAIN = r"""
-import sys
+import sys, torch
+import torch.nn.functional as F
 from mythos_scale.config import load_config
 from mythos_scale.parallel import init_distributed
 from mythos_scale.train.trainer import Trainer
 
 trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]), init_distributed())
 batches = iter(trainer.train_loader)
-metrics = trainer.train_step(batches)
+for _ in range(6):  # a few steps, so that the iterations' predictions differ
+    metrics = trainer.train_step(batches)
 assert metrics["train/window_loss"] > 0, metrics
-assert abs(metrics["train/window_loss"] - metrics["train/lm_loss"]) > 1e-4, metrics  # not the last iteration's alone
+inputs, labels = next(batches)
+model = trainer.model
+with torch.no_grad():
+    out = model(inputs, n_loops=3, backprop_depth=2, logits=False, window=True, eos_id=trainer.eos_id)
+    loss, parts = trainer._loss(out, labels)
+    by_loops = [F.cross_entropy(model(inputs, n_loops=t, eos_id=trainer.eos_id).logits.flatten(0, 1).float(),
+                                labels.flatten()) for t in (2, 3)]
+torch.testing.assert_close(parts["window_loss"], sum(by_loops) / 2, rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(parts["lm_loss"], by_loops[1], rtol=1e-5, atol=1e-5)
+assert abs(by_loops[0] - by_loops[1]) > 1e-4, by_loops  # the window is not the last iteration alone
 print("OK")
 """
 
