@@ -223,20 +223,34 @@ def report(results: dict, out: Path) -> None:
     print("loops  " + "  ".join(f"{n:>{width}}" for n in names))
     for t in eval_loops:
         print(f"{t:>5}  " + "  ".join(cell(n, t) for n in names))
-    checks = {}
+    checks, paired = {}, {}
+    models = results["models"]
+
+    def bpb(name: str, seed: str, t: int) -> float | None:
+        row = models[name]["runs"].get(seed, {}).get("eval", {}).get(str(t))
+        return None if row is None else row["bits_per_byte"]
+
+    def compare(label: str, a: tuple[str, int], b: tuple[str, int]) -> None:
+        """Relative difference (%) of the seed means, and per seed where both ran it (same init and data)."""
+        ea, eb = models[a[0]]["eval"].get(str(a[1])), models[b[0]]["eval"].get(str(b[1]))
+        if ea is None or eb is None:
+            return
+        checks[label] = 100 * (ea["bits_per_byte"] / eb["bits_per_byte"] - 1)
+        paired[label] = {seed: 100 * (bpb(a[0], seed, a[1]) / bpb(b[0], seed, b[1]) - 1)
+                         for seed in models[a[0]]["runs"] if bpb(a[0], seed, a[1]) and bpb(b[0], seed, b[1])}
+
     for name in names:
-        ev = {int(t): r["bits_per_byte"] for t, r in results["models"][name]["eval"].items()}
-        if mean not in ev or not name.startswith("looped"):
+        if not name.startswith("looped"):
             continue
-        checks[f"{name}: 2x mean vs mean (%)"] = 100 * (ev[2 * mean] / ev[mean] - 1)
-        checks[f"{name}: 4x mean vs mean (%)"] = 100 * (ev[4 * mean] / ev[mean] - 1)
-        for base in ("single_loop", "dense"):
-            if base in results["models"]:
-                checks[f"{name}@mean vs {base}@1 (%)"] = 100 * (
-                    ev[mean] / results["models"][base]["eval"]["1"]["bits_per_byte"] - 1)
-    results["checks"] = checks
+        compare(f"{name}: 2x mean vs mean (%)", (name, 2 * mean), (name, mean))
+        compare(f"{name}: 4x mean vs mean (%)", (name, 4 * mean), (name, mean))
+        for base in ("single_loop", "dense", "looped"):
+            if base in models and base != name:
+                t = mean if base == "looped" else 1
+                compare(f"{name}@mean vs {base}@{t} (%)", (name, mean), (base, t))
+    results["checks"], results["checks_per_seed"] = checks, paired
     for k, v in checks.items():
-        print(f"{k}: {v:+.2f}")
+        print(f"{k}: {v:+.2f}  (per seed: " + ", ".join(f"{s}: {d:+.2f}" for s, d in paired[k].items()) + ")")
     for name, res in results["models"].items():
         for seed, run in res["runs"].items():
             it = run.get("iterations")
