@@ -12,10 +12,11 @@ import pytest
 import torch
 from test_model import small_cfg, tokens
 
-from conftest import REPO, TINY_TRAIN, subprocess_env
 from mythos_scale.config import load_config
 from mythos_scale.model import build_model
 from mythos_scale.plan import plan_model
+
+from conftest import REPO, TINY_TRAIN, subprocess_env
 
 _spec = importlib.util.spec_from_file_location("loop_scaling", REPO / "benchmarks" / "loop_scaling.py")
 loop_scaling = importlib.util.module_from_spec(_spec)
