@@ -8,7 +8,19 @@ DeepSpeed engine, the loop sampler, the training loss, the data loader of ``myth
 the embedded corpus's training split, for the same number of steps and the same batch:
 
 - ``looped``: the config's loop recipe (``train.loops``: random T per step, truncated backprop);
-- ``single_loop``: the same model (same parameters, same init) trained at a fixed T = 1.
+- ``single_loop``: the same model (same parameters, same init) trained at a fixed T = 1;
+- ``dense``: the FLOP-matched dense model: the same model with ``core_layers x`` the looped
+  model's training mean unique core layers (:func:`dense_overrides`), trained and evaluated at one loop.
+
+``--seeds 0,1`` trains each model once per seed (``train.seed``: init and loop draws;
+``data.shuffle_seed``: data order) and reports the mean and the spread (max - min) per cell.
+After training, the looped model's per-iteration statistics on held-out batches
+(:func:`iteration_study`): ``core_change``, the state's relative distance to its fixed point
+``||h_t - h_ref|| / ||h_ref||`` (``h_ref``: the state after ``--fixed-point-loops`` iterations),
+``update_norm``, ``h_norm``, and the routing entropy per iteration (mean per-token entropy of the
+normalized router scores; ``route_overlap``: the fraction of top-k experts a token shares with its
+previous iteration).  ``--tag`` names a variant (``looped+window``): the models of the run are
+reported under ``name+tag``, so variants and seeds run in separate processes merge with ``--combine``.
 
 Each is then evaluated on the whole held-out split at the loop counts of ``--eval-loops`` plus
 the looped model's training mean and 2x / 4x that mean, in **bits per byte** of the source text:
@@ -51,6 +63,84 @@ from mythos_scale.train.trainer import Trainer
 
 SINGLE_LOOP = ["train.loops.sampler=fixed", "train.loops.mean=1", "train.loops.min=1", "train.loops.max=1",
                "train.loops.backprop_depth=1"]
+MODELS = ("looped", "single_loop", "dense")
+
+
+def dense_overrides(cfg: Config) -> list[str]:
+    """Config overrides turning ``cfg``'s looped model into the FLOP-matched dense model: one loop
+    over ``core_layers x train.loops.mean`` unique core layers (everything else shared).
+    ``max_loops = 1`` gives it no unused per-depth tables and the init of its real depth."""
+    return [*SINGLE_LOOP, f"model.core_layers={cfg.model.core_layers * cfg.train.loops.mean}", "model.max_loops=1"]
+
+
+def seed_overrides(seed: int, base: Config) -> list[str]:
+    """Seed ``seed``: a different init and loop draws (``train.seed``) and data order (``data.shuffle_seed``)."""
+    return [f"train.seed={base.train.seed + seed}", f"data.shuffle_seed={base.data.shuffle_seed + seed}"]
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+@torch.no_grad()
+def iteration_study(model: torch.nn.Module, batches: list, n_loops: int, reference_loops: int,
+                    eos_id: int | None = None) -> dict[str, list]:
+    """Per-iteration statistics of one forward at ``reference_loops`` iterations over ``batches``,
+    the first ``n_loops`` reported (see the module docstring): the model's own ``stats`` plus the
+    distance to the fixed point and the routing entropy, read by hooks on the last core block
+    (its output is the state h_{t+1}) and on each MoE (its input and loop index)."""
+    from mythos_scale.model.moe import MoE
+
+    model.eval()
+    states: list[torch.Tensor] = []
+    routing: dict[int, list] = {}  # iteration -> [(entropy sum, overlap sum, tokens)] per MoE layer
+    previous: dict[int, torch.Tensor] = {}
+
+    def route_hook(layer: int):
+        def hook(module: MoE, args: tuple) -> None:
+            x, loop = args
+            scores, chosen, _ = module.route(x.reshape(-1, x.shape[-1]), loop)
+            probs = scores / scores.sum(-1, keepdim=True)
+            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
+            overlap = (chosen & previous[layer]).sum(-1).float() / module.top_k if loop > 0 else torch.ones(1)
+            previous[layer] = chosen
+            routing.setdefault(loop, []).append((_entropy(probs).mean(), overlap.mean()))
+        return hook
+
+    moes = [b.ffn for b in model.core if isinstance(b.ffn, MoE)]
+    hooks = [m.register_forward_pre_hook(route_hook(i)) for i, m in enumerate(moes)]
+    hooks.append(model.core[-1].register_forward_hook(lambda mod, args, out: states.append(out[0].float())))
+    totals: dict[str, torch.Tensor] = {}
+    distance = torch.zeros(n_loops)
+    try:
+        for inputs, _ in batches:
+            states.clear()
+            out = model(inputs, n_loops=reference_loops, eos_id=eos_id)
+            for key in ("core_change", "update_norm", "h_norm", "state_to_input"):
+                totals[key] = totals.get(key, 0) + out.stats[key][:n_loops]
+            ref = states[-1]
+            distance += torch.stack([((h - ref).norm(dim=-1) / ref.norm(dim=-1)).mean() for h in states[:n_loops]])
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {k: (v / len(batches)).tolist() for k, v in totals.items()}
+    result["fixed_point_distance"] = (distance / len(batches)).tolist()
+    rows = [routing[t] for t in range(n_loops)] if moes else []
+    result["routing_entropy"] = [float(torch.stack([e for e, _ in r]).mean()) for r in rows]
+    result["route_overlap"] = [float(torch.stack([o for _, o in r]).mean()) for r in rows]
+    result["reference_loops"] = reference_loops
+    return result
+
+
+def summarize(runs: dict[str, dict]) -> dict[str, dict]:
+    """Per loop count: bits/byte mean over the seeds' runs, spread (max - min) and the values."""
+    loops = sorted({t for r in runs.values() for t in r["eval"]}, key=int)
+    out = {}
+    for t in loops:
+        values = [r["eval"][t]["bits_per_byte"] for r in runs.values() if t in r["eval"]]
+        out[t] = {"bits_per_byte": sum(values) / len(values), "spread": max(values) - min(values),
+                  "seeds": len(values), "values": values}
+    return out
 
 
 def decode_speed(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, n_loops: int,
@@ -92,8 +182,14 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, res in results["models"].items():
         loops = sorted(int(t) for t in res["eval"])
-        ax.plot(loops, [res["eval"][str(t)]["bits_per_byte"] for t in loops], marker="o",
-                label=f"{name} (trained at T {res['train_loops']})")
+        y = [res["eval"][str(t)]["bits_per_byte"] for t in loops]
+        err = [res["eval"][str(t)].get("spread", 0) / 2 for t in loops]
+        if len(loops) == 1:  # the dense model: one loop, drawn across the axis
+            ax.axhline(y[0], linestyle="--", linewidth=1, color="black",
+                       label=f"{name} (T 1, {res['eval'][str(loops[0])].get('seeds', 1)} seeds)")
+            continue
+        ax.errorbar(loops, y, yerr=err, marker="o", capsize=3,
+                    label=f"{name} (trained at T {res['train_loops']})")
     mean = results["looped_training_mean"]
     ax.axvline(mean, color="grey", linestyle=":", linewidth=1)
     ax.annotate("training mean", (mean, ax.get_ylim()[1]), textcoords="offset points", xytext=(3, -12),
@@ -117,23 +213,55 @@ def report(results: dict, out: Path) -> None:
     names, mean, eval_loops = list(results["models"]), results["looped_training_mean"], results["eval_loops"]
     print(f"\nheld-out bits/byte ({results['eval_sequences']} sequences, {results['eval_tokens']} tokens); "
           f"training mean T = {mean}")
-    print("loops  " + "  ".join(f"{n:>12}" for n in names))
+    width = max(20, *map(len, names))
+
+    def cell(name: str, t: int) -> str:
+        row = results["models"][name]["eval"].get(str(t))
+        text = "-" if row is None else f"{row['bits_per_byte']:.4f} ±{row.get('spread', 0) / 2:.4f}"
+        return f"{text:>{width}}"
+
+    print("(mean ± half the spread over seeds)")
+    print("loops  " + "  ".join(f"{n:>{width}}" for n in names))
     for t in eval_loops:
-        print(f"{t:>5}  " + "  ".join(f"{results['models'][n]['eval'][str(t)]['bits_per_byte']:12.4f}"
-                                     if str(t) in results["models"][n]["eval"] else f"{'-':>12}" for n in names))
-    if "looped" in results["models"]:
-        ev = {int(t): r["bits_per_byte"] for t, r in results["models"]["looped"]["eval"].items()}
-        checks = {"2x mean vs mean (%)": 100 * (ev[2 * mean] / ev[mean] - 1),
-                  "4x mean vs mean (%)": 100 * (ev[4 * mean] / ev[mean] - 1)}
-        if "single_loop" in results["models"]:
-            checks["looped@mean vs single_loop@1 (%)"] = 100 * (
-                ev[mean] / results["models"]["single_loop"]["eval"]["1"]["bits_per_byte"] - 1)
-        results["checks"] = checks
-        for k, v in checks.items():
-            print(f"{k}: {v:+.2f}")
+        print(f"{t:>5}  " + "  ".join(cell(n, t) for n in names))
+    checks, paired = {}, {}
+    models = results["models"]
+
+    def bpb(name: str, seed: str, t: int) -> float | None:
+        row = models[name]["runs"].get(seed, {}).get("eval", {}).get(str(t))
+        return None if row is None else row["bits_per_byte"]
+
+    def compare(label: str, a: tuple[str, int], b: tuple[str, int]) -> None:
+        """Relative difference (%) of the seed means, and per seed where both ran it (same init and data)."""
+        ea, eb = models[a[0]]["eval"].get(str(a[1])), models[b[0]]["eval"].get(str(b[1]))
+        if ea is None or eb is None:
+            return
+        checks[label] = 100 * (ea["bits_per_byte"] / eb["bits_per_byte"] - 1)
+        paired[label] = {seed: 100 * (bpb(a[0], seed, a[1]) / bpb(b[0], seed, b[1]) - 1)
+                         for seed in models[a[0]]["runs"] if bpb(a[0], seed, a[1]) and bpb(b[0], seed, b[1])}
+
+    for name in names:
+        if not name.startswith("looped"):
+            continue
+        compare(f"{name}: 2x mean vs mean (%)", (name, 2 * mean), (name, mean))
+        compare(f"{name}: 4x mean vs mean (%)", (name, 4 * mean), (name, mean))
+        for base in ("single_loop", "dense", "looped"):
+            if base in models and base != name:
+                t = mean if base == "looped" else 1
+                compare(f"{name}@mean vs {base}@{t} (%)", (name, mean), (base, t))
+    results["checks"], results["checks_per_seed"] = checks, paired
+    for k, v in checks.items():
+        print(f"{k}: {v:+.2f}  (per seed: " + ", ".join(f"{s}: {d:+.2f}" for s, d in paired[k].items()) + ")")
+    for name, res in results["models"].items():
+        for seed, run in res["runs"].items():
+            it = run.get("iterations")
+            if it:
+                print(f"\n{name} seed {seed}: per iteration (reference state after {it['reference_loops']} loops)")
+                for key in ("fixed_point_distance", "core_change", "update_norm", "routing_entropy", "route_overlap"):
+                    print(f"  {key:>20}: " + " ".join(f"{v:.3f}" for v in it[key]))
     (out / "loop_scaling.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "loop_scaling.png")
-    kl = results["models"].get("looped", {}).get("kl_exit")
+    kl = next((r.get("kl_exit") for r in results["models"].get("looped", {}).get("runs", {}).values()), None)
     if kl:
         print(f"\nKL early exit at T = {kl['loops']}: threshold, bits/byte, mean loops (held-out); decoding tokens/s")
         for row in kl["held_out"]:
@@ -153,11 +281,21 @@ def combine(paths: list[Path]) -> dict:
             if run[key] != first[key]:
                 raise ValueError(f"{path} has {key} = {run[key]!r}, {paths[0]} has {first[key]!r}")
     looped = [r for r in runs if "looped" in r["models"]]
+    models: dict[str, dict] = {}
+    for run, path in sorted(zip(runs, paths), key=lambda rp: "looped" not in rp[0]["models"]):
+        for name, res in run["models"].items():
+            # a run of the study before --seeds held one seed's results at the top level
+            seeds = res.get("runs") or {"0": {k: v for k, v in res.items() if k in ("eval", "train_seconds", "kl_exit")}}
+            merged = models.setdefault(name, {k: v for k, v in res.items() if k not in ("runs", "eval")} | {"runs": {}})
+            for seed, seed_run in seeds.items():
+                if seed in merged["runs"]:
+                    raise ValueError(f"{path}: {name} seed {seed} is in more than one of the runs")
+                merged["runs"][seed] = seed_run
+    for res in models.values():
+        res["eval"] = summarize(res["runs"])
     results = dict(first, overrides=sorted({o for r in runs for o in r["overrides"]}),
                    looped_training_mean=(looped or runs)[0]["looped_training_mean"],
-                   eval_loops=sorted({t for r in runs for t in r["eval_loops"]}),
-                   models={name: res for r in sorted(runs, key=lambda r: "looped" not in r["models"])
-                           for name, res in r["models"].items()})
+                   eval_loops=sorted({t for r in runs for t in r["eval_loops"]}), models=models)
     results.pop("checks", None)
     return results
 
@@ -168,7 +306,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-loops", default="1,2,4,8,16")
     parser.add_argument("--eval-sequences", type=int, default=0, help="cap on held-out sequences (0: all)")
-    parser.add_argument("--models", default="looped,single_loop", help="which of looped,single_loop to train")
+    parser.add_argument("--models", default="looped,single_loop,dense", help="which of looped,single_loop,dense to train")
+    parser.add_argument("--seeds", default="0", help="seeds, e.g. 0,1: each model is trained once per seed")
+    parser.add_argument("--tag", default="", help="variant name: the models are reported as NAME+TAG")
+    parser.add_argument("--stats-batches", type=int, default=2,
+                        help="held-out batches for the looped model's per-iteration statistics (0: skip)")
+    parser.add_argument("--fixed-point-loops", type=int, default=32,
+                        help="iterations of the reference state h_ref the fixed-point distance is measured to")
     parser.add_argument("--exit-thresholds", default="0,1e-4,5e-4,2e-3",
                         help="KL early-exit thresholds tried on the looped model at 4x its mean loops ('' to skip)")
     parser.add_argument("--out", default="benchmarks/results/loop_scaling")
@@ -195,16 +339,22 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = [f"train.max_steps={args.steps}", "train.eval_every=0", f"train.out_dir={work}",
               f"train.checkpoint.every={args.steps}", *args.overrides]
-    configs = {"looped": load_config(args.config, [*common, "train.name=looped"]),
-               "single_loop": load_config(args.config, [*common, *SINGLE_LOOP, "train.name=single_loop"])}
-    configs = {name: configs[name] for name in args.models.split(",")}
-    mean = configs.get("looped", next(iter(configs.values()))).train.loops.mean
+    base = load_config(args.config, common)
+    model_overrides = {"looped": [], "single_loop": SINGLE_LOOP, "dense": dense_overrides(base)}
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {MODELS}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    configs = {(name, seed): load_config(args.config, [*common, *model_overrides[name], *seed_overrides(seed, base),
+                                                        f"train.name={name}{args.tag}-seed{seed}"])
+               for name in args.models.split(",") for seed in seeds}
+    mean = base.train.loops.mean
     eval_loops = sorted({*map(int, args.eval_loops.split(",")), mean, 2 * mean, 4 * mean})
 
     layout = init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
-    first = next(iter(configs.values()))
+    first = base
     dataset = resolve_dataset(first.data.sources[0].path, first.data.cache_dir, first.data.seq_len,
                               first.model.vocab_size)
     byte_lengths = token_byte_lengths(load_tokenizer(dataset / TOKENIZER_NAME).tokenizer, first.model.vocab_size)
@@ -220,19 +370,26 @@ def main() -> None:
                "tokens_per_step": first.train.global_batch_size * first.data.seq_len,
                "eval_sequences": n_seq, "eval_tokens": n_seq * first.data.seq_len, "eval_loops": eval_loops,
                "looped_training_mean": mean, "threads": torch.get_num_threads(), "models": {}}
-    for name, cfg in configs.items():
+    for (name, seed), cfg in configs.items():
         model, seconds = train(cfg, layout)
         loops = cfg.train.loops
-        res = {"train_loops": loops.mean if loops.sampler == "fixed" else
-               f"~{loops.sampler}(mean {loops.mean}, {loops.min}..{loops.max}), k={loops.backprop_depth}",
-               "train_seconds": seconds, "loops": loops.model_dump(), "eval": {}}
-        with tqdm(total=len(eval_loops) * len(batches), desc=f"eval {name}", unit="batch") as progress:
-            for t in eval_loops:
-                res["eval"][str(t)] = evaluate(model, batches, t, EvalMode("loops"), byte_lengths, progress, eos_id)
+        res = results["models"].setdefault(name + args.tag, {
+            "train_loops": loops.mean if loops.sampler == "fixed" else
+            f"~{loops.sampler}(mean {loops.mean}, {loops.min}..{loops.max}), k={loops.backprop_depth}",
+            "loops": loops.model_dump(), "core_layers": cfg.model.core_layers, "model_overrides": model_overrides[name],
+            "runs": {}})
+        run = res["runs"][str(seed)] = {"train_seconds": seconds, "eval": {}}
+        model_loops = [1] if name == "dense" else eval_loops
+        with tqdm(total=len(model_loops) * len(batches), desc=f"eval {name} seed {seed}", unit="batch") as progress:
+            for t in model_loops:
+                run["eval"][str(t)] = evaluate(model, batches, t, EvalMode("loops"), byte_lengths, progress, eos_id)
+        if name == "looped" and args.stats_batches:
+            run["iterations"] = iteration_study(model, batches[: args.stats_batches], 4 * mean, args.fixed_point_loops,
+                                                eos_id)
         if name == "looped" and not cfg.model.act.enabled and args.exit_thresholds:
-            res["kl_exit"] = exit_study(model, batches, byte_lengths, 4 * mean,
+            run["kl_exit"] = exit_study(model, batches, byte_lengths, 4 * mean,
                                         [float(x) for x in args.exit_thresholds.split(",")], eos_id)
-        results["models"][name] = res
+        res["eval"] = summarize(res["runs"])
         del model
     if not args.work_dir:
         shutil.rmtree(work)

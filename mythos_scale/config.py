@@ -125,6 +125,9 @@ class ModelConfig(_Strict):
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-6, gt=0)
     sandwich_norm: bool = False
+    # RMSNorm on the loop's final state before the coda: the coda then reads h_T at one scale
+    # whatever T (||h_T|| grows with T past the training mean).  Adds a (dim,) weight.
+    coda_norm: bool = False
     loop_embedding: Literal["sinusoidal", "learned"] = "sinusoidal"
     # Initial scale of the loop embedding (sinusoidal: its per-channel gain; learned: the table's
     # std); None: init_std / 10.
@@ -217,6 +220,10 @@ class LoopSchedule(_Strict):
     max: int = Field(8, ge=1)
     backprop_depth: int = Field(4, ge=1)  # k: gradients flow through the last k iterations
     lognormal_sigma: float = Field(0.5, gt=0)
+    # The LM loss is the mean of the losses of the coda's predictions from each of the k
+    # grad-carrying iterations (not only the last): every iteration is asked to predict, as in
+    # Ouro's loss over exit steps.  Costs k coda + head passes per step.  Not with ACT.
+    window_loss: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> LoopSchedule:
@@ -349,6 +356,8 @@ class Config(_Strict):
     def _cross(self) -> Config:
         _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                  f"seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        _require(not (self.train.loops.window_loss and self.model.act.enabled), "train.loops.window_loss",
+                 "cannot be combined with model.act.enabled (ACT's coda reads the halting-weighted sum)")
         _require(self.train.loops.max <= self.model.max_loops, "train.loops.max",
                  f"({self.train.loops.max}) exceeds model.max_loops ({self.model.max_loops})")
         _require(self.train.global_batch_size % self.train.micro_batch_size == 0,

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = [
     {},
-    {"sandwich_norm": True, "tie_embeddings": False, "loop_embedding": "learned", "act": {"enabled": True}},
+    {"sandwich_norm": True, "tie_embeddings": False, "loop_embedding": "learned", "act": {"enabled": True},
+     "coda_norm": True},
     {"n_heads": 4, "attention": {"type": "gqa", "n_kv_heads": 2}, "lora_targets": ["q", "kv", "o", "router"]},
     {"attention": {"q_lora_rank": 8}, "moe": {"enabled": False}, "lora_rank": 0},
     {"moe": {"depth_routing": False, "n_shared_experts": 0}},

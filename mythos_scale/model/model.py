@@ -100,6 +100,9 @@ class ModelOutput:
     loops_used: torch.Tensor  # (batch, seq) int64: loop iterations each position ran
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None  # logits=False: the final-norm states the LM head reads
+    # window=True: the final-norm states of the coda's prediction from each grad-carrying
+    # iteration, oldest first (the last is ``hidden``)
+    window_hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 class _LoopRun(NamedTuple):
@@ -110,6 +113,7 @@ class _LoopRun(NamedTuple):
     moe_aux: torch.Tensor
     ponder_cost: torch.Tensor
     stats: dict[str, torch.Tensor]
+    window: list[torch.Tensor] = []  # window=True: the states after each grad-carrying iteration
 
 
 class Block(nn.Module):
@@ -161,6 +165,7 @@ class MythosModel(nn.Module):
         self.loop_embedding = LoopEmbedding(cfg)
         self.core = nn.ModuleList(Block(cfg, True, kernels) for _ in range(cfg.core_layers))
         self.halting = HaltingUnit(cfg) if cfg.act.enabled else None
+        self.coda_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.coda_norm else None
         self.coda = nn.ModuleList(Block(cfg, False, kernels) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -248,9 +253,15 @@ class MythosModel(nn.Module):
             x, _, _ = block(x, self.rope, None, self._kv(cache, (part, i), rows), start_pos, absorb, docs=docs)
         return x
 
+    def _coda(self, h: torch.Tensor, cache: KVCache | None, start_pos: int, rows: torch.Tensor | None = None,
+              docs: DocumentLayout | None = None) -> torch.Tensor:
+        """The coda over the loop's output (after ``coda_norm`` when the model has one)."""
+        h = h if self.coda_norm is None else self.coda_norm(h)
+        return self._dense_stack(h, self.coda, "coda", cache, start_pos, rows, docs)
+
     def _coda_logits(self, h: torch.Tensor, cache: KVCache | None, start_pos: int,
                      rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self._head(self._dense_stack(h, self.coda, "coda", cache, start_pos, rows))
+        return self._head(self._coda(h, cache, start_pos, rows))
 
     def _iterate(self, h: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, loop: int, kv: list | None,
                  start_pos: int, absorb: bool = True, docs: DocumentLayout | None = None,
@@ -275,7 +286,7 @@ class MythosModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, backprop_depth: int | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, exit_threshold: float | None = None,
                 act: bool = True, with_stats: bool = True, eos_id: int | None = None,
-                logits: bool = True) -> ModelOutput:
+                logits: bool = True, window: bool = False) -> ModelOutput:
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         n_loops = self.default_loops if n_loops is None else n_loops
@@ -305,18 +316,21 @@ class MythosModel(nn.Module):
         if not self.training and (halting is not None or exit_threshold is not None):
             run = self._adaptive_loops(e, e_inj, a_bar.to(e.dtype), n_loops, cache, start_pos, exit_threshold, halting)
         else:
+            if window and (halting is not None or cache is not None):
+                raise ValueError("window=True (train.loops.window_loss) needs a model without ACT and no cache")
             run = self._loops(e, e_inj, a_bar.to(e.dtype), n_loops, backprop_depth, cache, start_pos, halting, with_stats,
-                              docs)
+                              docs, window)
         stats = dict(run.stats, rho_a_bar=a_bar.detach().max(), mean_loops=run.loops_used.float().mean())
         with torch.no_grad():
             if with_stats and run.out.shape[1] > 1:
                 stats["state_token_cos"] = F.cosine_similarity(run.out[:, 1:].float(), run.out[:, :-1].float(),
                                                                dim=-1).mean()
         moe_aux_loss = run.moe_aux / max(1, backprop_depth * len(self.core)) if self.cfg.moe.enabled else run.moe_aux
-        hidden = self.norm(self._dense_stack(run.out, self.coda, "coda", cache, start_pos, docs=docs))
+        hidden = self.norm(self._coda(run.out, cache, start_pos, docs=docs))
+        window_hidden = [self.norm(self._coda(h, None, start_pos, docs=docs)) for h in run.window[:-1]] + [hidden]
         return ModelOutput(logits=F.linear(hidden, self.head_weight) if logits else None, moe_aux_loss=moe_aux_loss,
                            ponder_cost=run.ponder_cost, loops_used=run.loops_used, stats=stats,
-                           hidden=None if logits else hidden)
+                           hidden=None if logits else hidden, window_hidden=window_hidden if run.window else [])
 
     def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
         std = self.cfg.injection.state_init_std
@@ -326,9 +340,10 @@ class MythosModel(nn.Module):
 
     def _loops(self, e: torch.Tensor, e_inj: torch.Tensor, a_bar: torch.Tensor, n_loops: int, backprop_depth: int,
                cache: KVCache | None, start_pos: int, halting: HaltingUnit | None, with_stats: bool = True,
-               docs: DocumentLayout | None = None) -> _LoopRun:
+               docs: DocumentLayout | None = None, window: bool = False) -> _LoopRun:
         """All positions run all ``n_loops`` iterations (training, and inference without early exit).
         ``with_stats``: compute the per-iteration statistics (fp32 passes over the full states).
+        ``window``: also return the state after each grad-carrying iteration (``_LoopRun.window``).
 
         Truncated backprop: the first ``n_loops - backprop_depth`` run without grad.  ACT halts and charges
         only in the grad-carrying window (its last iteration at least): a position halted in the
@@ -341,6 +356,7 @@ class MythosModel(nn.Module):
         act = ACTAccumulator(e, self.cfg.act.threshold, self.kernels) if halting is not None else None
         aux_total = e.new_zeros((), dtype=torch.float32)
         iteration_stats = _IterationStats(e_inj, a_bar, self.loop_embedding) if with_stats else None
+        states = []
         for t in range(n_loops):
             carries_grad = t >= n_loops - backprop_depth
             if iteration_stats is not None:
@@ -363,12 +379,14 @@ class MythosModel(nn.Module):
                     block.ffn.expert_counts[depth] += block_counts
             if iteration_stats is not None:
                 iteration_stats.after(t, h, h_next)
+            if window and carries_grad:
+                states.append(h_next)
             h = h_next
 
         stats = iteration_stats.result() if iteration_stats is not None else {}
         if act is None:
             return _LoopRun(h, torch.full(h.shape[:-1], n_loops, device=h.device), aux_total,
-                            e.new_zeros((), dtype=torch.float32), stats)
+                            e.new_zeros((), dtype=torch.float32), stats, states)
         return _LoopRun(act.acc.to(e.dtype), (act_start + act.steps).long(), aux_total,
                         self.cfg.act.ponder_cost * act.ponder(), stats)
 

@@ -106,7 +106,8 @@ def plan_model(cfg: ModelConfig, n_loops: int, backprop_depth: int, seq_len: int
     params = {
         "embedding": v * d,
         "prelude": cfg.prelude_layers * dense["params"],
-        "recurrence": 2 * d + d * d + d + loop_embedding + halting,  # injection, prelude norm, loop emb, ACT
+        # injection, prelude norm, loop emb, ACT, coda norm
+        "recurrence": 2 * d + d * d + d + loop_embedding + halting + (d if cfg.coda_norm else 0),
         "core": cfg.core_layers * core["params"],
         "coda": cfg.coda_layers * dense["params"],
         "head": d + (0 if cfg.tie_embeddings else v * d),

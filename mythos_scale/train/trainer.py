@@ -144,7 +144,13 @@ class Trainer:
         parts = {"lm_loss": lm.lm, "moe_aux_loss": out.moe_aux_loss, "ponder_cost": out.ponder_cost}
         if t.z_loss_coef:
             parts["z_loss"] = lm.z
-        return lm.total + out.moe_aux_loss + out.ponder_cost, parts
+        total = lm.total
+        if len(out.window_hidden) > 1:  # train.loops.window_loss: every grad-carrying iteration predicts
+            earlier = [lm_head_loss(h, self.model.head_weight, labels, t.loss_chunk_tokens, t.z_loss_coef).total
+                       for h in out.window_hidden[:-1]]
+            total = (sum(earlier) + lm.total) / len(out.window_hidden)
+            parts["window_loss"] = total
+        return total + out.moe_aux_loss + out.ponder_cost, parts
 
     def train_step(self, batches, logged: bool = True) -> dict[str, float]:
         """One optimizer step.  ``logged``: a logging step, whose phases are timed and whose model
@@ -166,7 +172,8 @@ class Trainer:
             inputs, labels = inputs.to(self.layout.device), labels.to(self.layout.device)
             t1 = time.perf_counter()
             out = self.engine(inputs, n_loops=n_loops, backprop_depth=backprop_depth, eos_id=self.eos_id, logits=False,
-                              with_stats=logged and micro == self.grad_accum - 1)  # the last one's are logged
+                              with_stats=logged and micro == self.grad_accum - 1,  # the last one's are logged
+                              window=t.loops.window_loss)
             loss, parts = self._loss(out, labels)
             self._sync(logged)
             t2 = time.perf_counter()
