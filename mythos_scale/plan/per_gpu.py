@@ -120,7 +120,9 @@ def model_parts(cfg: ModelConfig, seq_len: int) -> ModelParts:
     loop_embedding = d if cfg.loop_embedding == "sinusoidal" else cfg.max_loops * d
     halting = d + 1 if cfg.act.enabled else 0
     # embedding, injection (A_log, dt_bias, B), its norm, loop embedding, ACT, final norm, untied head
-    model_level = v * d + 2 * d + d * d + d + loop_embedding + halting + d + (0 if cfg.tie_embeddings else v * d)
+    coda_norm = d if cfg.coda_norm else 0
+    model_level = (v * d + 2 * d + d * d + d + loop_embedding + halting + coda_norm + d
+                   + (0 if cfg.tie_embeddings else v * d))
     params = ((cfg.prelude_layers + cfg.coda_layers) * dense_params + cfg.core_layers * core_params
               + Parts(replicated=model_level))
     return ModelParts(params=params, dense_layer_flops=dense_flops, core_iteration_flops=cfg.core_layers * core_flops,
