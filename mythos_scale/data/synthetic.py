@@ -61,7 +61,7 @@ class Item:
 # --------------------------------------------------------------------------- generators
 
 
-def p_hop_item(rng: random.Random, p: int, length: int = 12, alphabet: int = 4) -> Item:
+def p_hop_item(rng: random.Random, p: int, length: int = 16, alphabet: int = 6) -> Item:
     """A p-hop induction item: ``length`` symbols of the first ``alphabet`` of HOP_ALPHABET (the
     answer follows ``p`` hops from the last position).  Resampled until every hop exists."""
     symbols = HOP_ALPHABET[:alphabet]
