@@ -16,9 +16,18 @@ from test_eval import tiny_cfg
 
 from conftest import REPO, subprocess_env
 
-torch.set_num_threads(2)
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bitwise comparisons on one thread: on a loaded machine the BLAS may split the same GEMM
+    differently between two calls, and the sums round differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def mythos(*args: str) -> subprocess.CompletedProcess:
