@@ -31,6 +31,7 @@ NOT_RUN = {  # by the line's first words
     "bash launch/gpu_smoke.sh": "needs a GPU node (tests/test_gpu_path.py runs it on the CPU)",
     "deepspeed": "needs a node with 8 GPUs",
     "sbatch": "needs a Slurm cluster with GPUs",
+    "CONFIG=configs/dense_1p3b.yaml sbatch": "the same script on a Slurm cluster with GPUs (tests/test_slurm.py runs it)",
     "tensorboard": "a server that runs until stopped",
 }
 
