@@ -65,7 +65,10 @@ def hf_folder(model_and_cfg, tiny_dataset, tmp_path_factory) -> Path:
                      max_shard_bytes=256 << 10)
 
 
-def test_transformers_logits_equal_ours_bitwise_at_every_loop_count(model_and_cfg, hf_folder, tiny_dataset):
+def test_transformers_logits_equal_ours_at_every_loop_count(model_and_cfg, hf_folder, tiny_dataset):
+    """Equal to fp32 rounding (atol 1e-5 on logits of order 1-10): bitwise in most runs, but the full
+    suite saw one-ulp GEMM differences between the two models' calls now and then (also seen at
+    T = 8 on a trained model), so bitwise equality is not what the code guarantees."""
     from mythos_scale.data.tokenizer import load_tokenizer
     from mythos_scale.eval.load import load_model
 
@@ -88,10 +91,11 @@ def test_transformers_logits_equal_ours_bitwise_at_every_loop_count(model_and_cf
         logits = {}
         for loops in (1, 2, 4, 6):
             logits[loops] = model(ids, loops).logits
-            assert torch.equal(hf(ids, n_loops=loops).logits, logits[loops]), loops
-            assert torch.equal(ours_loaded(ids, loops).logits, logits[loops]), loops
-        assert torch.equal(hf(ids).logits, logits[model.default_loops])  # config.n_loops is the default
-    assert not torch.equal(logits[1], logits[4])  # the loop count reaches the model
+            torch.testing.assert_close(hf(ids, n_loops=loops).logits, logits[loops], rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours_loaded(ids, loops).logits, logits[loops], rtol=0, atol=1e-5)
+        # config.n_loops is the default
+        torch.testing.assert_close(hf(ids).logits, logits[model.default_loops], rtol=0, atol=1e-5)
+    assert (logits[1] - logits[4]).abs().max() > 1e-2  # the loop count reaches the model
 
 
 @pytest.mark.slow
