@@ -3,6 +3,7 @@
     python benchmarks/reasoning_probe.py [--task p_hop] [--max-difficulty 3] [--steps 600]
                                          [--seeds 0,1] [--out benchmarks/results/reasoning_probe] [override ...]
     python benchmarks/reasoning_probe.py --quick --out /tmp/probe      a few steps, tiny data (the test suite)
+    python benchmarks/reasoning_probe.py --combine A/reasoning_probe.json B/reasoning_probe.json --out DIR
 
 Generates a synthetic reasoning dataset (:mod:`mythos_scale.data.synthetic`: train on difficulties
 1..D, held-out items of each difficulty 1..2D) and trains on it, with the real trainer in this
@@ -17,7 +18,9 @@ difficulty at test-time loops 1 .. 4x the looped model's training mean, and with
 exit at 4x the mean (loops used at the answer, by difficulty).  Per seed and as mean +- spread
 (population std over seeds).  Writes ``reasoning_probe.json`` and ``reasoning_probe.png`` (one
 heat-map of difficulty x loops per model, seed mean) under ``--out`` and prints the tables.
-Extra arguments are config overrides applied to all three models.
+Extra arguments are config overrides applied to all three models.  To train the models in
+parallel, run ``--models looped,single_loop`` and ``--models dense`` in two processes (each with its
+own ``--out``; the same seeds and data arguments) and merge them with ``--combine``.
 """
 
 from __future__ import annotations
@@ -122,6 +125,28 @@ def report(results: dict, out: Path) -> None:
     print(f"wrote {out / 'reasoning_probe.json'} and {out / 'reasoning_probe.png'}")
 
 
+# What runs merged by --combine must share: the same items, training and evaluation.
+COMBINE_KEYS = ("config", "overrides", "task", "steps", "max_difficulty", "eval_max_difficulty", "n_train",
+                "n_val_per_difficulty", "seq_len", "tokens_per_step", "seeds", "looped_training_mean", "eval_loops")
+
+
+def combine(paths: list[Path]) -> dict:
+    """One probe from runs that each trained some of the models (``--models``), e.g. in parallel processes."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    results = dict(runs[0], models={})
+    results.pop("checks", None)
+    for run, path in zip(runs, paths):
+        for key in COMBINE_KEYS:
+            if run[key] != results[key]:
+                raise ValueError(f"{path} has {key} = {run[key]!r}, {paths[0]} has {results[key]!r}")
+        for name, res in run["models"].items():
+            if name in results["models"]:
+                raise ValueError(f"{path}: model {name} is in more than one of the runs")
+            results["models"][name] = res
+    results["models"] = {name: results["models"][name] for name in MODELS if name in results["models"]}
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
@@ -137,8 +162,18 @@ def main() -> None:
     parser.add_argument("--work-dir", help="dataset and run folders (default: a temporary folder, removed)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="4 steps on tiny data, 2 difficulties: a smoke test")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                        help="train nothing: merge the reasoning_probe.json of runs that each trained some of the "
+                             "models (--models) into one probe under --out")
     parser.add_argument("overrides", nargs="*", help="config overrides for all models, e.g. train.lr=2e-3")
     args = parser.parse_args()
+    if args.combine:
+        try:
+            results = combine(args.combine)
+        except (OSError, ValueError, KeyError) as err:
+            parser.error(f"--combine: {err!r}" if isinstance(err, KeyError) else f"--combine: {err}")
+        report(results, Path(args.out))
+        return
     if args.quick:
         args.max_difficulty, args.n_train, args.n_val, args.steps, args.seeds = 1, 64, 4, 4, "0"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

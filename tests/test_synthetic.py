@@ -134,6 +134,23 @@ def test_probe_quick_trains_and_eval_cli_reads_the_run(tmp_path, capsys):
     assert all(0 <= r["accuracy"] <= 1 and r["items"] == 4 for r in rows)
     assert (out / "reasoning_probe.png").stat().st_size > 0
 
+    # --combine: the models of two processes merge into the same probe; mismatched runs are refused
+    parts = []
+    for name, models in (("a", ["looped", "single_loop"]), ("b", ["dense"])):
+        part = dict(results, models={m: results["models"][m] for m in models})
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps(part))
+    probe = [sys.executable, str(REPO / "benchmarks" / "reasoning_probe.py")]
+    proc = subprocess.run([*probe, "--combine", *map(str, parts), "--out", str(tmp_path / "merged")], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "merged" / "reasoning_probe.json").read_text())
+    assert merged["models"] == results["models"] and merged["checks"] == results["checks"]
+    parts[1].write_text(json.dumps(dict(json.loads(parts[1].read_text()), steps=5)))
+    proc = subprocess.run([*probe, "--combine", *map(str, parts), "--out", str(tmp_path / "bad")], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "b.json has steps = 5" in proc.stderr, proc.stderr[-3000:]
+
     from mythos_scale.eval.eval_cli import main as eval_main
 
     assert eval_main(["--run", str(work / "looped_s0"), "--by-difficulty", "--loops", "1,2",
