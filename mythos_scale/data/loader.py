@@ -76,14 +76,16 @@ def _streaming_world() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _open_reader(sources: list[Source], split: str, cfg: DataConfig) -> StreamingDataset:
+def open_reader(sources: list[Source], split: str, cfg: DataConfig) -> StreamingDataset:
+    """One reader over ``split`` of ``sources`` (local shards verified first), its sample counts
+    checked against the manifests.  Collective when torch.distributed is initialized."""
     for source in sources:
         if source.manifest.splits.get(split) is None:
             raise DataError(f"{source.name} has no {split} split (prepared with "
                             f"--val-fraction 0?)")
         if source.remote is None:
             verify_split(source, split, cfg.seq_len, cfg.verify_shards)
-    reader = _streaming_dataset([(f"{s.remote}/{split}" if s.remote else None, str(s.root / split))
+    reader = streaming_dataset([(f"{s.remote}/{split}" if s.remote else None, str(s.root / split))
                                  for s in sources])
     for source, samples in zip(sources, reader.samples_per_stream.tolist()):
         if samples != source.manifest.splits[split].sequences:
@@ -92,11 +94,15 @@ def _open_reader(sources: list[Source], split: str, cfg: DataConfig) -> Streamin
     return reader
 
 
-def _streaming_dataset(remote_local: list[tuple[str | None, str]]) -> StreamingDataset:
+def streaming_dataset(remote_local: list[tuple[str | None, str]]) -> StreamingDataset:
     """A StreamingDataset over ``(remote, local)`` streams.  Independent processes may register a
     shared-memory prefix at the same instant; a process on its own can retry, a process group
     cannot (the attempt is collective).  Each attempt gets new Stream objects: a failed one leaves
-    its streams with defaults applied, which the next would refuse as conflicting weights."""
+    its streams with defaults applied, which the next would refuse as conflicting weights.
+
+    Streaming keeps every shared-memory handle it opens until the process exits, and each new
+    dataset opens one per live registration on the node: a process should build few datasets
+    (a test suite that builds hundreds runs out of file descriptors; see ``launch/test.sh``)."""
     retries = 0 if dist.is_available() and dist.is_initialized() else 10
     for attempt in itertools.count():
         try:
@@ -116,7 +122,7 @@ def _streaming_dataset(remote_local: list[tuple[str | None, str]]) -> StreamingD
                 f"clean_stale_shared_memory() once, with no job running") from None
 
 
-def _read_rows(reader: StreamingDataset,
+def read_rows(reader: StreamingDataset,
                sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and labels of the samples; where a sample has a ``loss_mask`` (synthetic tasks), its
     labels are IGNORE_INDEX wherever the mask is 0, so the loss counts the marked tokens only."""
@@ -189,7 +195,7 @@ class TrainLoader:
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         source, sample = self.sample_ids(step)
-        return _read_rows(self.reader, self._offsets[source] + sample)
+        return read_rows(self.reader, self._offsets[source] + sample)
 
     def __iter__(self) -> TrainLoader:
         return self
@@ -252,7 +258,7 @@ class ValLoader:
         B, W = self.micro_batch_size, self.dp_world
         for step in range(self.num_batches):
             positions = (step * B + np.arange(B, dtype=np.int64)) * W + self.dp_rank
-            yield _read_rows(self.reader, positions % self.num_samples)
+            yield read_rows(self.reader, positions % self.num_samples)
 
 
 def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp_world: int,
@@ -261,7 +267,7 @@ def build_train_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, 
     ``cfg.shuffle_seed``) for data-parallel rank ``dp_rank`` of ``dp_world``.  Collective when
     torch.distributed is initialized: every rank calls it, in the same order as other loaders."""
     sources = open_sources(cfg, vocab_size)
-    reader = _open_reader(sources, "train", cfg)
+    reader = open_reader(sources, "train", cfg)
     return TrainLoader(reader, sources, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                        dp_world=dp_world, seed=cfg.shuffle_seed, num_workers=cfg.num_workers)
 
@@ -271,6 +277,6 @@ def build_val_loader(cfg: DataConfig, *, micro_batch_size: int, dp_rank: int, dp
     """The val split of ``cfg.val_path`` (default: the first source) for one data-parallel rank.
     Collective when torch.distributed is initialized, like :func:`build_train_loader`."""
     source = open_source(cfg.val_path or cfg.sources[0].path, 1.0, cfg, vocab_size)
-    reader = _open_reader([source], "val", cfg)
+    reader = open_reader([source], "val", cfg)
     return ValLoader(reader, source.manifest.splits["val"].sequences,
                      micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_world=dp_world)

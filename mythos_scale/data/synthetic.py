@@ -247,11 +247,11 @@ def write_synthetic_dataset(task: str, out: str | Path, *, n_train: int = 20000,
 def read_items(root: str | Path, split: str) -> list[Item]:
     """The items of a split decoded from its shards (val items carry their difficulty, train
     items difficulty 0): for tests and inspection."""
-    from mythos_scale.data.loader import _streaming_dataset
+    from mythos_scale.data.loader import streaming_dataset
     from mythos_scale.data.manifest import read_manifest
 
     root = Path(root)
-    reader = _streaming_dataset([(None, str(root / split))])
+    reader = streaming_dataset([(None, str(root / split))])
     counts = read_manifest(root).inputs["val_difficulties"]
     difficulties = [int(d) for d, n in counts.items() for _ in range(n)] if split == "val" else None
     items = []

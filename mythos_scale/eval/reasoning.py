@@ -24,20 +24,19 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def difficulty_batches(path: str, data: DataConfig, vocab_size: int, batch_size: int) -> dict[int, list[Batch]]:
     """The val split of the synthetic dataset at ``path`` as ``(inputs, labels)`` batches per
     difficulty (labels IGNORE_INDEX off the answer)."""
-    from mythos_scale.data.loader import _open_reader, _read_rows
+    from mythos_scale.data.loader import open_reader, read_rows
     from mythos_scale.data.sources import open_source
-
 
     source = open_source(path, 1.0, data, vocab_size)
     counts = source.manifest.inputs.get("val_difficulties")
     if not counts:
         raise DataError(f"{path}: not a synthetic reasoning dataset (its manifest has no val_difficulties; "
                         f"make one with `mythos data synthetic`)")
-    reader = _open_reader([source], "val", data)
+    reader = open_reader([source], "val", data)
     out, start = {}, 0
     for difficulty, n in counts.items():
         ids = np.arange(start, start + n)
-        out[int(difficulty)] = [_read_rows(reader, ids[i:i + batch_size]) for i in range(0, n, batch_size)]
+        out[int(difficulty)] = [read_rows(reader, ids[i:i + batch_size]) for i in range(0, n, batch_size)]
         start += n
     return out
 
