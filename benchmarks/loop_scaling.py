@@ -45,6 +45,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -300,6 +301,15 @@ def combine(paths: list[Path]) -> dict:
     return results
 
 
+def combined_or_exit(parser: argparse.ArgumentParser, combine_runs: Callable[[list[Path]], dict],
+                     paths: list[Path]) -> dict:
+    """``combine_runs(paths)``, or exit 2 with the parser's usage and what did not match (``--combine``)."""
+    try:
+        return combine_runs(paths)
+    except (OSError, ValueError, KeyError) as err:
+        parser.error(f"--combine: {err!r}" if isinstance(err, KeyError) else f"--combine: {err}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
@@ -324,11 +334,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for both models, e.g. train.lr=2e-3")
     args = parser.parse_args()
     if args.combine:
-        try:
-            results = combine(args.combine)
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--combine: {err!r}" if isinstance(err, KeyError) else f"--combine: {err}")
-        report(results, Path(args.out))
+        report(combined_or_exit(parser, combine, args.combine), Path(args.out))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "streaming"):

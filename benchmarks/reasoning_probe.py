@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from loop_scaling import SINGLE_LOOP, train
+from loop_scaling import SINGLE_LOOP, combined_or_exit, train
 
 from mythos_scale.config import load_config
 from mythos_scale.data.synthetic import TASKS, write_synthetic_dataset
@@ -168,11 +168,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides for all models, e.g. train.lr=2e-3")
     args = parser.parse_args()
     if args.combine:
-        try:
-            results = combine(args.combine)
-        except (OSError, ValueError, KeyError) as err:
-            parser.error(f"--combine: {err!r}" if isinstance(err, KeyError) else f"--combine: {err}")
-        report(results, Path(args.out))
+        report(combined_or_exit(parser, combine, args.combine), Path(args.out))
         return
     if args.quick:
         args.max_difficulty, args.n_train, args.n_val, args.steps, args.seeds = 1, 64, 4, 4, "0"
