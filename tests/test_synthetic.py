@@ -13,7 +13,7 @@ from mythos_scale.config import DataConfig
 from mythos_scale.data.data_cli import main as data_main
 from mythos_scale.data.loader import build_train_loader, build_val_loader
 from mythos_scale.data.manifest import DataError, read_manifest
-from mythos_scale.data.synthetic import TASKS, VOCAB, generate_splits, read_items, solve, solve_p_hop
+from mythos_scale.data.synthetic import HOP_MARK, TASKS, VOCAB, generate_splits, read_items, solve, solve_p_hop
 from mythos_scale.eval.reasoning import exact_match
 from mythos_scale.train.lm_loss import IGNORE_INDEX, full_linear_cross_entropy
 
@@ -65,6 +65,9 @@ def test_splits_do_not_leak(datasets, task):
         ops = [sum(w in "+*-" for w in i.prompt) for i in train]
         assert max(ops) == 3 and min(ops) == 1
         assert [sum(w in "+*-" for w in i.prompt) for i in val] == [i.difficulty for i in val]
+    else:  # a p-hop prompt states p (its hop marks); without them the depth asked for is unknowable
+        assert sorted({i.prompt.count(HOP_MARK) for i in train}) == [1, 2, 3]
+        assert [i.prompt.count(HOP_MARK) for i in val] == [i.difficulty for i in val]
     for item in val:
         assert solve(task, item) == item.answer
 

@@ -4,8 +4,10 @@ Two tasks, each item a prompt of whitespace-separated words then ``?`` and one a
 
 - ``p_hop`` (p-hop induction, Sanford et al. 2024; Saunshi et al. 2025): a random sequence over a
   small alphabet; from the last position, one hop jumps to the position just after the previous
-  occurrence of the current symbol; the answer is the symbol reached after ``p`` hops.  The
-  difficulty is ``p``: every item is generated so that all ``p`` hops exist.
+  occurrence of the current symbol; the answer is the symbol reached after ``p`` hops.  The prompt
+  states ``p`` as ``p`` hop marks ``>`` after the sequence (a count, so deeper items than trained
+  use no unseen token).  The difficulty is ``p``: every item is generated so that all ``p`` hops
+  exist.
 - ``arith`` (variable-binding chains of modular arithmetic): ``a = 3 ; b = a + 4 ; c = b * 2 ;
   ... ? c`` with values mod 10, each step reading the previous variable; the difficulty is the
   number of steps after the first binding.  Shuffled distractor bindings of fresh variables are
@@ -39,12 +41,12 @@ from mythos_scale.data.prepare import SHARD_HASHES, check_output_folder, move_in
 from mythos_scale.data.tokenizer import EOS_TOKEN, file_sha256
 
 TASKS = ("p_hop", "arith")
-PAD_TOKEN, UNK_TOKEN, QUERY = "<pad>", "<unk>", "?"
+PAD_TOKEN, UNK_TOKEN, QUERY, HOP_MARK = "<pad>", "<unk>", "?", ">"
 MODULUS = 10
 HOP_ALPHABET = [f"s{i}" for i in range(8)]
 VARIABLES = list("abcdefghijklmnopqrstuvwxyz")
 VOCAB = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, QUERY, "=", ";", "+", "*", "-",
-         *map(str, range(MODULUS)), *VARIABLES, *HOP_ALPHABET]
+         *map(str, range(MODULUS)), *VARIABLES, *HOP_ALPHABET, HOP_MARK]
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ class Item:
 
 
 def p_hop_item(rng: random.Random, p: int, length: int = 24, alphabet: int = 4) -> Item:
-    """A p-hop induction item: ``length`` symbols of the first ``alphabet`` of HOP_ALPHABET (the
-    answer follows ``p`` hops from the last position).  Resampled until every hop exists.  The
+    """A p-hop induction item: ``length`` symbols of the first ``alphabet`` of HOP_ALPHABET, then
+    ``p`` hop marks (the answer follows ``p`` hops from the last symbol).  Resampled until every hop exists.  The
     length keeps deep hops distinct: measured over 300 items per p, the answer after p hops equals
     the one after p - 1 for 23-41% of items at p = 2..6 (chance 25%); at length 12 it was 57% by
     p = 4, so a shallower computation would solve the deep items."""
@@ -80,7 +82,7 @@ def p_hop_item(rng: random.Random, p: int, length: int = 24, alphabet: int = 4) 
                 break
             pos = previous[pos] + 1
         else:
-            return Item(seq, seq[pos], p)
+            return Item([*seq, *[HOP_MARK] * p], seq[pos], p)
 
 
 def arith_item(rng: random.Random, steps: int, distractors: int = 2) -> Item:
@@ -106,12 +108,14 @@ GENERATORS: dict[str, Callable[[random.Random, int], Item]] = {"p_hop": p_hop_it
 # --------------------------------------------------------------------------- solvers (independent: read the words)
 
 
-def solve_p_hop(prompt: list[str], p: int) -> str:
-    """Follow ``p`` hops by searching backwards from each position, as the task is defined."""
-    pos = len(prompt) - 1
-    for _ in range(p):
-        pos = next(j for j in range(pos - 1, -1, -1) if prompt[j] == prompt[pos]) + 1
-    return prompt[pos]
+def solve_p_hop(prompt: list[str], p: int | None = None) -> str:
+    """Follow ``p`` hops (default: as many as the prompt's hop marks) by searching backwards from
+    each position, as the task is defined."""
+    seq = [w for w in prompt if w != HOP_MARK]
+    pos = len(seq) - 1
+    for _ in range(len(prompt) - len(seq) if p is None else p):
+        pos = next(j for j in range(pos - 1, -1, -1) if seq[j] == seq[pos]) + 1
+    return seq[pos]
 
 
 def solve_arith(prompt: list[str]) -> str:
@@ -130,7 +134,7 @@ def solve_arith(prompt: list[str]) -> str:
 
 
 def solve(task: str, item: Item) -> str:
-    return solve_p_hop(item.prompt, item.difficulty) if task == "p_hop" else solve_arith(item.prompt)
+    return solve_p_hop(item.prompt) if task == "p_hop" else solve_arith(item.prompt)
 
 
 # --------------------------------------------------------------------------- tokenizer and dataset
