@@ -64,8 +64,8 @@ class Item:
 
 def p_hop_item(rng: random.Random, p: int, length: int = 24, alphabet: int = 4) -> Item:
     """A p-hop induction item: ``length`` symbols of the first ``alphabet`` of HOP_ALPHABET, then
-    ``p`` hop marks (the answer follows ``p`` hops from the last symbol).  Resampled until every hop exists.  The
-    length keeps deep hops distinct: measured over 300 items per p, the answer after p hops equals
+    ``p`` hop marks (the answer follows ``p`` hops from the last symbol).  Resampled until every
+    hop exists.  The length keeps deep hops distinct: measured over 300 items per p, the answer after p hops equals
     the one after p - 1 for 23-41% of items at p = 2..6 (chance 25%); at length 12 it was 57% by
     p = 4, so a shallower computation would solve the deep items.  Two hops fewer is still a
     shortcut: chains fall into 2-cycles, and the answer after p - 2 hops is right for 64-73% of
