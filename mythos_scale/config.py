@@ -64,7 +64,9 @@ class MoEConfig(_Strict):
     expert_hidden: int = Field(128, ge=1)
     score_func: Literal["sigmoid", "softmax"] = "sigmoid"
     route_scale: float = Field(1.0, gt=0)
-    # Per-depth routing: a learned per-loop-iteration bias on the router logits.
+    # Per-depth routing: a learned per-loop-iteration bias on the router logits, and a balancing
+    # bias per iteration.  False: one balancing bias for all iterations, so routing is the same
+    # function at every depth (with lora_rank 0 and loop_embedding none, so is the whole core).
     depth_routing: bool = True
     # DeepSeek-V3 auxiliary-loss-free balancing: bias_i -/+= gamma after each step.
     balance_update_rate: float = Field(1e-3, ge=0)
@@ -128,7 +130,7 @@ class ModelConfig(_Strict):
     # RMSNorm on the loop's final state before the coda: the coda then reads h_T at one scale
     # whatever T (||h_T|| grows with T past the training mean).  Adds a (dim,) weight.
     coda_norm: bool = False
-    loop_embedding: Literal["sinusoidal", "learned"] = "sinusoidal"
+    loop_embedding: Literal["sinusoidal", "learned", "none"] = "sinusoidal"
     # Initial scale of the loop embedding (sinusoidal: its per-channel gain; learned: the table's
     # std); None: init_std / 10.
     loop_embedding_init: float | None = Field(None, ge=0)

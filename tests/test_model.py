@@ -428,6 +428,43 @@ def test_loops_beyond_max(kind):
     assert torch.isfinite(out.logits).all()
 
 
+LOOP_INVARIANT = dict(lora_rank=0, loop_embedding="none", moe=dict(depth_routing=False))
+
+
+@pytest.mark.parametrize("depth_signal", [None, "lora_rank", "loop_embedding", "depth_routing"])
+def test_loop_invariant_core(depth_signal):
+    """With no LoRA, no loop embedding and no depth routing the core is one function at every
+    iteration (the balancing bias has a single row); restoring any one of the three makes
+    iteration 0 and iteration max_loops + 1 differ."""
+    overrides = dict(LOOP_INVARIANT)
+    overrides.update({"lora_rank": dict(lora_rank=2), "loop_embedding": dict(loop_embedding="learned"),
+                      "depth_routing": dict(moe=dict(depth_routing=True)), None: {}}[depth_signal])
+    cfg = small_cfg(**overrides)
+    model = build_model(cfg, seed=0).train()
+    with torch.no_grad():  # every depth-indexed parameter away from its zero init
+        for name, p in model.named_parameters():
+            if "lora_b" in name or "depth_bias" in name or "loop_embedding" in name:
+                p.normal_(0, 0.5)
+        for block in model.core:
+            block.ffn.balance_bias.normal_(0, 0.5)
+    assert model.core[0].ffn.balance_bias.shape[0] == (1 if depth_signal != "depth_routing" else cfg.max_loops)
+    h = torch.randn(2, 12, cfg.dim, generator=torch.Generator().manual_seed(1))
+    e_inj, a_bar = torch.randn_like(h), model.injection.a_bar()
+    first, _, _ = model._iterate(h, e_inj, a_bar, 0, None, 0)
+    far, _, _ = model._iterate(h, e_inj, a_bar, cfg.max_loops + 1, None, 0)
+    assert torch.equal(first, far) == (depth_signal is None)
+
+
+def test_loop_invariant_core_counts_every_iteration_in_one_row():
+    cfg = small_cfg(**LOOP_INVARIANT)
+    model = build_model(cfg, seed=0).train()
+    assert not any("loop_embedding" in name for name, _ in model.named_parameters())
+    lm_loss(model, tokens(cfg), n_loops=cfg.max_loops + 2, backprop_depth=2).backward()
+    counts = torch.stack([b.ffn.expert_counts for b in model.core])
+    assert counts.shape == (2, 1, cfg.moe.n_routed_experts)
+    assert counts.sum(-1).flatten().tolist() == [(cfg.max_loops + 2) * 2 * 11 * cfg.moe.top_k] * 2
+
+
 @pytest.mark.parametrize("kind", ["sinusoidal", "learned"])
 def test_loop_embedding_init_scale(kind):
     """``loop_embedding_init`` sets the embedding's initial scale (default init_std / 10), in

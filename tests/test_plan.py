@@ -30,7 +30,7 @@ VARIANTS = [
      "coda_norm": True},
     {"n_heads": 4, "attention": {"type": "gqa", "n_kv_heads": 2}, "lora_targets": ["q", "kv", "o", "router"]},
     {"attention": {"q_lora_rank": 8}, "moe": {"enabled": False}, "lora_rank": 0},
-    {"moe": {"depth_routing": False, "n_shared_experts": 0}},
+    {"moe": {"depth_routing": False, "n_shared_experts": 0}, "loop_embedding": "none"},
 ]
 
 

@@ -213,8 +213,10 @@ class MythosModel(nn.Module):
             elif isinstance(module, LoopEmbedding):
                 if module.kind == "sinusoidal":
                     module.gain.fill_(module.init_scale(cfg))
-                else:
+                elif module.kind == "learned":
                     normal(module.table, module.init_scale(cfg))
+                else:
+                    module.zero.zero_()
         if self.halting is not None:
             self.halting.proj.bias.fill_(cfg.act.halt_bias_init)
 
@@ -374,9 +376,8 @@ class MythosModel(nn.Module):
                 if act is not None and t >= act_start:
                     act.step(halting(h_next), h_next, is_last=t == n_loops - 1)
             if self.training and counts.numel():
-                depth = min(t, self.cfg.max_loops - 1)
                 for block, block_counts in zip(self.core, counts):
-                    block.ffn.expert_counts[depth] += block_counts
+                    block.ffn.expert_counts[block.ffn.depth_row(t)] += block_counts
             if iteration_stats is not None:
                 iteration_stats.after(t, h, h_next)
             if window and carries_grad:

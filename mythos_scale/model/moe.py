@@ -6,6 +6,7 @@ Routing (DeepSeek-V3): ``score = sigmoid|softmax(router(x) + depth_bias[t])``; e
 (max_loops, E) term so each loop iteration can route differently; ``balance_bias`` is a
 persistent (max_loops, E) fp32 buffer moved by :func:`update_balance_bias` from the int64 token
 counts per (depth, expert) in ``expert_counts``.  Depths beyond ``max_loops`` use the last row.
+Without depth routing both buffers have one row, shared by every iteration.
 Both stay in their dtypes when the module is cast (``model.bfloat16()``): bf16 could neither
 count tokens exactly nor hold a bias that moves by 1e-3 steps.
 
@@ -96,16 +97,22 @@ class MoE(nn.Module):
         router_loops = cfg.max_loops if "router" in cfg.lora_targets else 0
         self.router = LoopLinear(cfg.dim, self.n_experts, router_loops, cfg.lora_rank)
         self.depth_bias = nn.Parameter(torch.zeros(cfg.max_loops, self.n_experts)) if m.depth_routing else None
-        self.register_buffer("balance_bias", torch.zeros(cfg.max_loops, self.n_experts, dtype=torch.float32))
-        self.register_buffer("expert_counts", torch.zeros(cfg.max_loops, self.n_experts, dtype=torch.long),
+        depths = cfg.max_loops if m.depth_routing else 1  # rows of the balancing bias and the load counts
+        self.register_buffer("balance_bias", torch.zeros(depths, self.n_experts, dtype=torch.float32))
+        self.register_buffer("expert_counts", torch.zeros(depths, self.n_experts, dtype=torch.long),
                              persistent=False)
         self.experts = RoutedExperts(self.n_experts, cfg.dim, m.expert_hidden, kernels)
         shared_hidden = m.n_shared_experts * m.expert_hidden
         self.shared = DenseFFN(cfg.dim, shared_hidden, kernels) if m.n_shared_experts > 0 else None
 
+    def depth_row(self, loop: int) -> int:
+        """The row of ``depth_bias`` / ``balance_bias`` / ``expert_counts`` iteration ``loop`` uses:
+        its own up to max_loops, then the last; always 0 without depth routing."""
+        return min(loop, self.balance_bias.shape[0] - 1)
+
     def route(self, x: torch.Tensor, loop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, D).  Returns (scores (N, E) fp32, chosen experts (N, k), gates (N, k) fp32)."""
-        depth = min(loop, self.balance_bias.shape[0] - 1)
+        depth = self.depth_row(loop)
         logits = self.router(x, loop).float()
         if self.depth_bias is not None:
             logits = logits + self.depth_bias[depth].float()

@@ -82,7 +82,8 @@ class LoopEmbedding(nn.Module):
     ``sinusoidal``: the fixed encoding of t times a learned per-channel gain; extrapolates past
     max_loops.  ``learned``: a (max_loops, D) table; iterations past max_loops reuse the last row.
     Both start at scale ``loop_embedding_init`` (default ``init_std / 10``): the same vector is
-    added to every token, so a large one would make all positions look alike.
+    added to every token, so a large one would make all positions look alike.  ``none``: zero, no
+    parameter; the core cannot tell iterations apart (Huginn's recurrence).
     """
 
     @staticmethod
@@ -94,10 +95,14 @@ class LoopEmbedding(nn.Module):
         self.kind, self.dim = cfg.loop_embedding, cfg.dim
         if self.kind == "sinusoidal":
             self.gain = nn.Parameter(torch.full((cfg.dim,), self.init_scale(cfg)))
-        else:
+        elif self.kind == "learned":
             self.table = nn.Parameter(torch.empty(cfg.max_loops, cfg.dim))
+        else:  # a buffer, so the zero vector follows the model's device
+            self.register_buffer("zero", torch.zeros(cfg.dim), persistent=False)
 
     def forward(self, loop: int) -> torch.Tensor:
+        if self.kind == "none":
+            return self.zero
         if self.kind == "sinusoidal":
             return sinusoidal(loop, self.dim, self.gain.device) * self.gain.float()
         # A row by a Python int: no index tensor built on the host (no sync).  Copied, not a view: a

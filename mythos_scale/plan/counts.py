@@ -101,7 +101,7 @@ def plan_model(cfg: ModelConfig, n_loops: int, backprop_depth: int, seq_len: int
     d, v = cfg.dim, cfg.vocab_size
     dense, core = _block(cfg, core=False), _block(cfg, core=True)
     n_dense = cfg.prelude_layers + cfg.coda_layers
-    loop_embedding = d if cfg.loop_embedding == "sinusoidal" else cfg.max_loops * d
+    loop_embedding = {"sinusoidal": d, "learned": cfg.max_loops * d, "none": 0}[cfg.loop_embedding]
     halting = d + 1 if cfg.act.enabled else 0
     params = {
         "embedding": v * d,

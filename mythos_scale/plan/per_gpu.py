@@ -117,7 +117,7 @@ def model_parts(cfg: ModelConfig, seq_len: int) -> ModelParts:
     d, v = cfg.dim, cfg.vocab_size
     dense_params, dense_flops = block_parts(cfg, core=False, seq_len=seq_len)
     core_params, core_flops = block_parts(cfg, core=True, seq_len=seq_len)
-    loop_embedding = d if cfg.loop_embedding == "sinusoidal" else cfg.max_loops * d
+    loop_embedding = {"sinusoidal": d, "learned": cfg.max_loops * d, "none": 0}[cfg.loop_embedding]
     halting = d + 1 if cfg.act.enabled else 0
     # embedding, injection (A_log, dt_bias, B), its norm, loop embedding, ACT, final norm, untied head
     coda_norm = d if cfg.coda_norm else 0
