@@ -18,6 +18,7 @@ from mythos_scale.plan.search import search
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = load_config(REPO / "configs" / "mythos_770m.yaml")
+PARAMS_770M = 768_834_560  # the config's parameters (test_plan.py checks the planner's count against built models)
 RT = Runtime.from_config(CFG, device="cuda")
 BASE = Layout(dp=32, tp=1, ep=1, zero_stage=1, micro_batch=4, grad_accum=2, seq_len=4096, n_loops=8,
               backprop_depth=4, checkpointing=True)
@@ -52,7 +53,7 @@ def test_model_state_by_zero_stage_and_sharding():
     """bf16 weights on every rank; fp32 master and Adam moments sharded over DP (dense) and
     DP / EP (experts); TP and EP cut the local weights; ZeRO-2 holds less gradient memory."""
     m = estimate_memory(CFG.model, BASE, RT)
-    params = 768_833_024
+    params = PARAMS_770M
     assert m.static["weights"] == 2 * params
     assert m.static["master_fp32"] == pytest.approx(4 * params / 32)
     assert m.static["adam_fp32"] == pytest.approx(8 * params / 32)
@@ -88,7 +89,7 @@ def test_data_parallel_traffic():
     one = _by_name(BASE)
     grads, params = one["dp: gradients"], one["dp: parameters"]
     assert (grads.kind, grads.group_size, grads.calls) == ("all_reduce", 32, 1)
-    assert grads.payload == params.payload == 2 * 768_833_024
+    assert grads.payload == params.payload == 2 * PARAMS_770M
     assert grads.wire_bytes == pytest.approx(2 * 31 / 32 * grads.payload)
     assert params.wire_bytes == pytest.approx(31 / 32 * params.payload)
     two = _by_name(replace(BASE, zero_stage=2))
